@@ -1,0 +1,49 @@
+"""Full-weight changes: LyCORIS ``diff`` / ``diff_b`` and replacements (``set_weight``, BFL norm scales)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter
+
+
+class Full(Adapter):
+    algo = "full"
+    optional = frozenset({"diff", "diff_b"})
+
+    @classmethod
+    def matches(cls, roles) -> bool:
+        return "diff" in roles or "diff_b" in roles
+
+    def apply_(self, w: torch.Tensor, strength: float) -> None:
+        if "diff" in self.t:  # a diff_b-only module changes just the bias
+            super().apply_(w, strength)
+
+    def full_delta(self, w: torch.Tensor) -> torch.Tensor:
+        return self.t["diff"].float().reshape(w.shape)
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        d = self.t.get("diff")
+        if d is not None and d.numel() != torch.Size(shape).numel() or d.shape[0] != shape[0]:
+            return f"diff {tuple(d.shape)} does not match target {shape}"
+        return None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        b = self.t.get("diff_b")
+        return None if b is None else b.float()
+
+
+class Set(Adapter):
+    """Replace the tensor with the stored value; strength does not apply (as ComfyUI)."""
+
+    algo = "set"
+    required = frozenset({"set"})
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        v = self.t["set"]
+        if tuple(v.shape) != tuple(shape):
+            return f"replacement {tuple(v.shape)} does not match target {shape}"
+        return None
+
+    def apply_(self, w: torch.Tensor, strength: float) -> None:
+        w.copy_(self.t["set"].float())

@@ -1,0 +1,60 @@
+"""LoRA / LoCon: W += (alpha/rank) * up @ down, conv factors flattened, optional Tucker mid."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, numel
+
+
+class LoRA(Adapter):
+    algo = "lora"
+    required = frozenset({"up", "down"})
+    optional = frozenset({"mid", "up_bias"})
+
+    @property
+    def rank(self) -> int:
+        return int(self.t["down"].shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha_over_rank()
+
+    @property
+    def algo(self) -> str:  # type: ignore[override]
+        if "mid" in self.t:
+            return "locon-tucker"
+        return "locon" if self.t["down"].dim() == 4 and self.t["down"].shape[2:] != (1, 1) else "lora"
+
+    def down(self) -> torch.Tensor:
+        down = self.t["down"].float()
+        mid = self.t.get("mid")
+        if mid is None:
+            return down
+        # Tucker: down [r, in, 1, 1] and mid [r, r, kh, kw] -> [r, in, kh, kw]
+        return torch.einsum("abhw,bc->achw", mid.float(), down.reshape(down.shape[0], -1))
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.t["up"].float(), self.down()
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        up, down = self.t["up"], self.t["down"]
+        mid = self.t.get("mid")
+        r = down.shape[0]
+        if up.dim() < 2 or up.shape[1] != r or numel(tuple(up.shape[2:])) != 1:
+            return f"up {tuple(up.shape)} does not match down {tuple(down.shape)} (rank {r})"
+        if up.shape[0] != shape[0]:
+            return f"up has {up.shape[0]} rows, target has {shape[0]}"
+        inner = numel(tuple(shape[1:]))
+        if mid is not None:
+            if mid.dim() != 4 or mid.shape[:2] != (r, r) or len(shape) != 4 or tuple(mid.shape[2:]) != tuple(shape[2:]):
+                return f"lora_mid {tuple(mid.shape)} does not fit target {shape}"
+            inner = shape[1]
+        got = numel(tuple(down.shape[1:]))
+        if got != inner or (down.dim() == 4 and len(shape) == 4 and mid is None and tuple(down.shape[1:]) != tuple(shape[1:])):
+            return f"down {tuple(down.shape)} does not fit target {shape}"
+        return None
+
+    def bias_delta(self) -> torch.Tensor | None:
+        b = self.t.get("up_bias")
+        return None if b is None else b.float()

@@ -1,0 +1,129 @@
+"""Command line: parse, call the library, print the report. No merge logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import LorakitError
+from .plan import parse_lora_arg
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"lorakit: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the library; turn typed errors and Ctrl-C into one line and an exit status."""
+    try:
+        return fn(*args, **kwargs)
+    except LorakitError as e:
+        _fail(" ".join(str(e).split()), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorakit")
+def main() -> None:
+    """Merge LoRAs into SD1.5 / SDXL / Flux.1 checkpoints, exactly and in bounded memory."""
+
+
+@main.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:MODEL_STRENGTH[:CLIP_STRENGTH]]...")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Output file (required unless --dry-run).")
+@click.option("--model-only", is_flag=True, help="Like LoraLoaderModelOnly: ignore text-encoder parts.")
+@click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default=None,
+              help="fp8 rounding of changed elements (default: stochastic for fp8, RTNE otherwise).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of stochastic rounding.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--allow-unmatched", is_flag=True, help="Apply what matches; report LoRA keys that address nothing.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge even if LoRA factors hold NaN/inf.")
+@click.option("--dry-run", is_flag=True, help="Plan only: report what would be applied, write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.option("--in-place", is_flag=True, help="Allow OUT to be BASE (still written to a temporary file first).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+def merge(base, loras, out, model_only, rounding, seed, device, allow_unmatched, allow_nonfinite, dry_run,
+          as_json, force, in_place, progress) -> None:
+    """Merge LORA(s) into BASE and write OUT. Several LoRAs apply in order, like chained LoraLoader nodes."""
+    from .merge import merge_file, plan
+
+    specs = [parse_lora_arg(a) for a in loras]
+    if dry_run:
+        p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite)
+        report = p.report()
+        report["dry_run"] = True
+        report["would_fail"] = bool(not allow_unmatched and any(r["unmatched"] for r in report["loras"]))
+        _print_report(report, as_json)
+        return
+    if not out:
+        _fail("missing -o/--output OUT (or use --dry-run)", 2)
+    report = _run(merge_file, base, specs, out, model_only=model_only, rounding=rounding, seed=seed, device=device,
+                  allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, force=force, in_place=in_place,
+                  progress=progress)
+    _print_report(report, as_json)
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    verb = "would apply" if report.get("dry_run") else "applied"
+    click.echo(f"BASE {report['base']}: {report['base_arch_name']} ({', '.join(report['components'])})")
+    for r in report["loras"]:
+        c = r["counts"]
+        click.echo(f"LoRA {r['file']}: {r['format']} format, {r['arch'] or 'unknown'} arch; "
+                   f"strengths model {r['model_strength']:g} / clip {r['clip_strength']:g}")
+        click.echo(f"  {verb} {len(r['matched'])} modules ({c['matched']} keys); skipped {c['skipped']} keys; "
+                   f"unmatched {c['unmatched']} keys")
+        for s in r["skipped"]:
+            click.echo(f"  skipped {len(s['keys'])} keys of the {s['component']} ({s['reason']})")
+        for u in r["unmatched"][:10]:
+            near = f"; nearest: {u['nearest'][0]}" if u.get("nearest") else ""
+            click.echo(f"  unmatched {u['module']} ({len(u['keys'])} keys): {u['reason']}{near}")
+        if len(r["unmatched"]) > 10:
+            click.echo(f"  ... {len(r['unmatched']) - 10} more unmatched modules (see --json)")
+        for n in r["notes"]:
+            click.echo(f"  note: {n}")
+    if report.get("dry_run"):
+        click.echo("dry run: nothing written" + (" (a real run would fail: unmatched keys)" if report["would_fail"] else ""))
+    else:
+        applied = sum(len(r["matched"]) for r in report["loras"])
+        if applied == 0:
+            click.echo("note: no LoRA module applies to this BASE; OUT equals BASE apart from metadata")
+        sat = sum(report["fp8_saturated"].values())
+        if sat:
+            click.echo(f"warning: {sat} fp8 values saturated at the format's limit in "
+                       f"{len(report['fp8_saturated'])} tensors")
+        click.echo(f"wrote {report['out']}: {report['tensors_changed']} tensors changed, rounding {report['rounding']}"
+                   f" (seed {report['seed']}), {report['seconds']:.2f} s")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(file, as_json) -> None:
+    """Describe a LoRA (format, arch, algorithms, ranks, trigger words) or a checkpoint."""
+    from .inspect import describe, render
+
+    info = _run(describe, file)
+    click.echo(json.dumps(info, indent=1) if as_json else render(info))
+
+
+@main.command()
+@click.option("--keep", type=click.Path(file_okay=False), default=None, help="Write the demo files here and keep them.")
+def demo(keep) -> None:
+    """Build a small SD1.5-layout checkpoint and a kohya LoRA, merge, inspect, and verify."""
+    from .demo import run_demo
+
+    sys.exit(_run(run_demo, keep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Lazy, validating safetensors reader and a streaming writer.
+
+Why not ``safetensors.safe_open``: it memory-maps the whole file, so every tensor read
+stays resident and a streamed 24 GB merge would show a 24 GB RSS. Here each tensor is
+read with ``pread`` into its own buffer and freed after use, the header is checked
+against the file size before anything is trusted, and untouched tensors are copied
+file-to-file (``copy_file_range``) without passing through Python at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import FileFormatError
+
+# safetensors dtype spelling -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
+
+MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+    begin: int  # offset inside the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+class SafetensorsFile:
+    """Header of a safetensors file plus on-demand tensor reads."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FileFormatError(f"{self.name}: file not found") from None
+        except IsADirectoryError:
+            raise FileFormatError(f"{self.name}: is a folder, expected a .safetensors file") from None
+        except OSError as e:
+            raise FileFormatError(f"{self.name}: cannot open ({e.strerror})") from None
+        try:
+            self._parse_header()
+        except Exception:
+            self._fh.close()
+            raise
+
+    # -- header -----------------------------------------------------------------------
+    def _bad(self, reason: str) -> FileFormatError:
+        return FileFormatError(f"{self.name}: not a valid safetensors file: {reason}")
+
+    def _parse_header(self) -> None:
+        size = os.fstat(self._fh.fileno()).st_size
+        self.file_size = size
+        head = self._fh.read(8)
+        if len(head) < 8:
+            raise self._bad(f"only {size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise self._bad(f"header length {n} does not fit in the file ({size} bytes); truncated or not safetensors")
+        raw = self._fh.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._bad("header is not JSON") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise self._bad("__metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
+        infos: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            infos[key] = self._check_entry(key, entry, data_size)
+        spans = sorted((i.begin, i.end, i.key) for i in infos.values() if i.nbytes)
+        for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise self._bad(f"tensors {k0!r} and {k1!r} overlap")
+        self.tensors = infos
+        # data order = the order writers and copy runs follow
+        self.order = sorted(infos, key=lambda k: (infos[k].begin, k))
+
+    def _check_entry(self, key: str, entry: object, data_size: int) -> TensorInfo:
+        if not isinstance(entry, dict):
+            raise self._bad(f"entry {key!r} is not an object")
+        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise self._bad(f"tensor {key!r} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise self._bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
+        begin, end = offs
+        numel = 1
+        for d in shape:
+            numel *= d
+        expect = numel * DTYPES[dtype][1]
+        if begin < 0 or end < begin or end - begin != expect:
+            raise self._bad(f"tensor {key!r}: data_offsets {offs} hold {end - begin} bytes, shape {shape} {dtype} needs {expect}")
+        if end > data_size:
+            raise self._bad(f"tensor {key!r} ends at byte {end} but the data section has {data_size} bytes (truncated file?)")
+        return TensorInfo(key, dtype, tuple(shape), begin, end)
+
+    # -- data -------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.order)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: self.tensors[k].shape for k in self.order}
+
+    def read_bytes(self, key: str) -> bytearray:
+        info = self.tensors[key]
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        pos, off = 0, self.data_start + info.begin
+        while pos < info.nbytes:
+            n = os.preadv(self._fh.fileno(), [view[pos:]], off + pos)
+            if n <= 0:
+                raise FileFormatError(f"{self.name}: tensor {key!r} could not be read (file shrank while reading?)")
+            pos += n
+        return buf
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        return torch.frombuffer(self.read_bytes(key), dtype=info.torch_dtype).reshape(info.shape)
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], bytes]:
+    """Read a whole (small) file once: tensors, metadata and its raw bytes (for hashing)."""
+    name = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileFormatError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise FileFormatError(f"{name}: is a folder, expected a .safetensors file") from None
+    except OSError as e:
+        raise FileFormatError(f"{name}: cannot read ({e.strerror})") from None
+    with SafetensorsFile(path) as f:
+        tensors = {}
+        for key in f.order:
+            info = f.tensors[key]
+            start = f.data_start + info.begin
+            if info.nbytes == 0:
+                tensors[key] = torch.empty(info.shape, dtype=info.torch_dtype)
+            else:
+                chunk = bytearray(data[start : start + info.nbytes])
+                tensors[key] = torch.frombuffer(chunk, dtype=info.torch_dtype).reshape(info.shape)
+        return tensors, dict(f.metadata), data
+
+
+def build_header(infos: list[TensorInfo], metadata: dict[str, str]) -> bytes:
+    """Serialize a header whose tensors keep the given offsets; padded to 8 bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for i in infos:
+        header[i.key] = {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": [i.begin, i.end]}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a contiguous CPU tensor."""
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Small helper for writing LoRAs/test files (the merge uses its own streaming path)."""
+    infos, off = [], 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        infos.append(TensorInfo(key, TORCH_TO_ST[t.dtype], tuple(t.shape), off, off + n))
+        off += n
+    with open(path, "wb") as fh:
+        fh.write(build_header(infos, metadata or {}))
+        for key, t in tensors.items():
+            fh.write(tensor_bytes(t.detach().cpu()))

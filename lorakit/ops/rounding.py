@@ -1,0 +1,108 @@
+"""Rounding an fp32 result back into the stored dtype: the spec every backend follows.
+
+* fp32 / fp16 / bf16: round-to-nearest-even (a plain ``.to(dtype)``).
+* fp8 ``nearest``: round-to-nearest-even, saturating at the format's largest finite value.
+* fp8 ``stochastic``: each element becomes one of its two fp8 neighbours ``lo <= x <= hi``,
+  ``hi`` with probability ``(x - lo) / (hi - lo)``. The random draw is a counter-based hash of
+  (seed, tensor key, element index), so the result never depends on the device, on chunking,
+  or on which elements were patched together: a GPU kernel can reproduce it bit for bit.
+  The test ``u * (hi - lo) < (x - lo)`` is done in exact arithmetic (u has 24 bits, hi - lo is
+  a power of two, x - lo is exact by Sterbenz), so no division rounding can differ either.
+
+Elements whose fp32 value did not change keep their original bits (ComfyUI instead re-rounds
+the whole tensor, moving about 0.1 % of untouched fp8 values).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+FP8 = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+MASK32 = 0xFFFFFFFF
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8
+
+
+def key_hash(key: str) -> int:
+    return zlib.crc32(key.encode("utf-8")) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (Wellons): a full-avalanche 32-bit mixer; int64 holds the uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform24(seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
+    """24-bit integers in [0, 2**24) from (seed, key, element index); int64 tensor."""
+    salt = int(_mix32(torch.tensor([(seed & MASK32) ^ key_hash(key)], dtype=torch.int64))[0])
+    lo = index & MASK32
+    hi = (index >> 32) & MASK32
+    h = _mix32(lo ^ salt)
+    h = _mix32(h ^ ((hi + 0x9E3779B9) & MASK32))
+    return h >> 8
+
+
+def _nearest_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = FP8[dtype]
+    return x.clamp(-m, m).to(dtype)
+
+
+def _stochastic_fp8(x: torch.Tensor, dtype: torch.dtype, seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
+    m = FP8[dtype]
+    a = x.abs().clamp(max=m)
+    near = a.to(dtype)  # RTNE of the magnitude
+    nf = near.float()
+    bits = near.view(torch.uint8).to(torch.int16)
+    # neighbours of a: the nearest value and the next one on the other side of a
+    other = torch.where(nf < a, bits + 1, bits - 1).clamp(min=0).to(torch.uint8).view(dtype)
+    of = other.float()
+    lo = torch.minimum(nf, of)
+    hi = torch.maximum(nf, of)
+    exact = nf == a
+    up = uniform24(seed, key, index).float() * (hi - lo) < (a - lo) * 16777216.0
+    mag = torch.where(exact, nf, torch.where(up, hi, lo))
+    return torch.where(x < 0, -mag, mag).to(dtype)
+
+
+def round_into(
+    dst: torch.Tensor,
+    value: torch.Tensor,
+    original: torch.Tensor,
+    *,
+    rounding: str = "nearest",
+    seed: int = 0,
+    key: str = "",
+    index_offset: int = 0,
+    scale: float | None = None,
+) -> int:
+    """Write fp32 ``value`` into ``dst`` (stored dtype), keeping the bits where value == original.
+
+    ``original`` is the fp32 value before patching; ``scale`` is the per-tensor scale of a
+    scaled-fp8 weight (stored = value / scale). ``index_offset`` is the flat index of
+    ``dst``'s first element inside the whole tensor (for the stochastic counter).
+    Returns how many elements saturated at the fp8 limit.
+    """
+    changed = value != original
+    target = value / scale if scale is not None else value
+    if not is_fp8(dst.dtype):
+        dst.copy_(torch.where(changed, target.to(dst.dtype), dst))
+        return 0
+    m = FP8[dst.dtype]
+    saturated = int(((target.abs() > m) & changed).sum())
+    if rounding == "stochastic":
+        index = torch.arange(index_offset, index_offset + dst.numel(), dtype=torch.int64).reshape(dst.shape)
+        new = _stochastic_fp8(target, dst.dtype, seed, key, index)
+    elif rounding == "nearest":
+        new = _nearest_fp8(target, dst.dtype)
+    else:
+        raise ValueError(f"unknown rounding mode {rounding!r}")
+    dst.view(torch.uint8).copy_(torch.where(changed, new.view(torch.uint8), dst.view(torch.uint8)))
+    return saturated

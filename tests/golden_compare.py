@@ -1,0 +1,88 @@
+"""The zoo's comparison rules (../shared/zoo/README.md), written independently of lorakit's code."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# (mantissa bits, smallest normal exponent) per float dtype
+FLOAT_BITS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126)}
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at |x| (float64)."""
+    mant, emin = FLOAT_BITS[dtype]
+    _, e = torch.frexp(x.abs().double())
+    exp = torch.clamp(e - 1, min=emin)
+    return torch.pow(2.0, (exp - mant).double())
+
+
+def check_float(out: torch.Tensor, expected: torch.Tensor, key: str) -> None:
+    o, e = out.double(), expected.double()
+    err = (o - e).abs()
+    tol = ulp(e, out.dtype)
+    bad = err > tol
+    assert not bool(bad.any()), (f"{key}: {int(bad.sum())} elements off by more than 1 ulp of {out.dtype}; "
+                                 f"max error {float(err.max()):.3e}")
+
+
+def fp8_values(dtype: torch.dtype) -> torch.Tensor:
+    """All finite values of an fp8 dtype, sorted (float64)."""
+    v = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(dtype).double()
+    v = v[torch.isfinite(v)]
+    return torch.unique(v)
+
+
+def fp8_neighbours(exact: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """lo <= exact <= hi among fp8 values, saturating at the largest finite value."""
+    vals = fp8_values(dtype)
+    m = FP8_MAX[dtype]
+    x = exact.double().clamp(-m, m).reshape(-1)
+    idx = torch.searchsorted(vals, x, right=True) - 1
+    idx = idx.clamp(0, len(vals) - 1)
+    lo = vals[idx]
+    hi = torch.where(lo == x, lo, vals[(idx + 1).clamp(max=len(vals) - 1)])
+    return lo.reshape(exact.shape), hi.reshape(exact.shape)
+
+
+def check_fp8(out: torch.Tensor, base: torch.Tensor, exact: torch.Tensor, mode: str, key: str) -> dict:
+    """Apply the fp8 rules; returns up/expected counts for the stochastic statistics."""
+    same = exact.double() == base.double()
+    ob, bb = out.view(torch.uint8), base.view(torch.uint8)
+    assert bool((ob[same] == bb[same]).all()), f"{key}: untouched fp8 elements changed bits"
+    ch = ~same
+    o = out.double()[ch]
+    x = exact.double()[ch]
+    lo, hi = fp8_neighbours(x, out.dtype)
+    assert bool(((o == lo) | (o == hi)).all()), f"{key}: fp8 element not one of its two neighbours"
+    width = hi - lo
+    if mode == "nearest":
+        mid = (lo + hi) / 2
+        tie = (x - mid).abs() <= 1e-3 * width
+        want = torch.where(x - lo < hi - x, lo, hi)
+        assert bool(((o == want) | tie | (width == 0)).all()), f"{key}: fp8 nearest rounding picked the far neighbour"
+        return {}
+    frac = torch.where(width > 0, (x - lo) / torch.where(width > 0, width, 1.0), torch.zeros_like(x))
+    up = (o == hi) & (width > 0)
+    stats = {}
+    for sign_name, sign in (("pos", x > 0), ("neg", x < 0)):
+        for half_name, half in (("low", frac < 0.5), ("high", frac >= 0.5)):
+            sel = sign & half & (width > 0)
+            stats[(sign_name, half_name)] = (int(up[sel].sum()), float(frac[sel].sum()),
+                                             float((frac[sel] * (1 - frac[sel])).sum()))
+    return stats
+
+
+def check_stochastic_stats(stats: list[dict]) -> None:
+    total: dict = {}
+    for s in stats:
+        for k, (u, f, v) in s.items():
+            a = total.setdefault(k, [0, 0.0, 0.0])
+            a[0] += u
+            a[1] += f
+            a[2] += v
+    for k, (u, f, v) in total.items():
+        sd = math.sqrt(v) if v > 0 else 0.0
+        assert abs(u - f) <= 6 * sd + 1e-9, f"stochastic rounding biased in group {k}: {u} rounded up, expected {f:.1f} ± {sd:.1f}"
