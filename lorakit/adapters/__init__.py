@@ -6,20 +6,17 @@ import torch
 
 from .base import Adapter
 from .full import Full, Set
+from .glora import GLoRA
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
+from .oft import OFT
 
 # Tried in order; when several match one module the last wins (ComfyUI's precedence).
-ADAPTERS: list[type[Adapter]] = [LoRA, Full, Set]
+ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, Full, Set]
 
 # roles that belong to algorithms lorakit recognises but cannot apply yet -> algorithm name
-PENDING = {
-    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
-    "hada_t1": "LoHa", "hada_t2": "LoHa",
-    "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr", "lokr_w2": "LoKr",
-    "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
-    "oft_blocks": "OFT", "rescale": "OFT", "a1": "GLoRA", "a2": "GLoRA", "b1": "GLoRA", "b2": "GLoRA",
-    "on_input": "IA3", "ia3_weight": "IA3", "w_norm": "norm", "b_norm": "norm",
-}
+PENDING = {"on_input": "IA3", "ia3_weight": "IA3", "w_norm": "norm", "b_norm": "norm"}
 
 
 def select(roles: dict[str, torch.Tensor], default_alpha: float | None) -> tuple[Adapter | None, list[str], list[str]]:

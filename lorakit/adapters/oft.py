@@ -1,0 +1,54 @@
+"""Diag-OFT: a block-diagonal rotation R = (I + Q)(I - Q)^-1, Q = B - B^T, applied to W's rows.
+
+``alpha`` is a norm constraint on Q (not a scale). Strength s blends the rotation towards
+the identity once, R_s = I + s (R - I), as LyCORIS' own merge does; ComfyUI multiplies by s
+twice (s^2 (R - I)), so the two agree at s = 1 and lorakit follows the trainer elsewhere.
+``rescale`` (LyCORIS rescaled OFT) multiplies the rotated rows, as the trainer does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter
+
+
+class OFT(Adapter):
+    algo = "oft"
+    required = frozenset({"oft_blocks"})
+    optional = frozenset({"rescale"})
+
+    def rotation(self) -> torch.Tensor:
+        blocks = self.t["oft_blocks"].float()
+        eye = torch.eye(blocks.shape[-1])
+        q = blocks - blocks.transpose(1, 2)
+        a = self.alpha() or 0.0
+        if a > 0:
+            norm = torch.norm(q) + 1e-8
+            if norm > a:
+                q = q * (a / norm)
+        return (eye + q) @ torch.linalg.inv(eye - q)
+
+    def apply_(self, w: torch.Tensor, strength: float) -> None:
+        if self.dora_scale is not None:
+            super().apply_(w, strength)
+            return
+        w.add_(self._delta(w, strength))
+
+    def full_delta(self, w: torch.Tensor) -> torch.Tensor:
+        return self._delta(w, 1.0)
+
+    def _delta(self, w: torch.Tensor, strength: float) -> torch.Tensor:
+        r = self.rotation().to(w.device)
+        n, b, _ = r.shape
+        eye = torch.eye(b, device=w.device)
+        blocks = w.reshape(n, b, *w.shape[1:])
+        rotated = torch.einsum("knm,kn...->km...", eye + strength * (r - eye), blocks).reshape(w.shape)
+        rescale = self.t.get("rescale")
+        if rescale is not None:
+            rotated = rotated * rescale.float().to(w.device).reshape(w.shape[0], *([1] * (w.dim() - 1)))
+        return rotated - w
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        n, b, _ = self.t["oft_blocks"].shape
+        return None if n * b == shape[0] else f"{n} OFT blocks of {b} do not cover the {shape[0]} rows of {shape}"
