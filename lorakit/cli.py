@@ -91,11 +91,13 @@ def _print_report(report: dict, as_json: bool) -> None:
             click.echo(f"  ... {len(r['unmatched']) - 10} more unmatched modules (see --json)")
         for n in r["notes"]:
             click.echo(f"  note: {n}")
+    for n in report.get("notes", []):
+        click.echo(f"note: {n}")
     if report.get("dry_run"):
         click.echo("dry run: nothing written" + (" (a real run would fail: unmatched keys)" if report["would_fail"] else ""))
     else:
         applied = sum(len(r["matched"]) for r in report["loras"])
-        if applied == 0:
+        if applied == 0 and not report.get("notes"):
             click.echo("note: no LoRA module applies to this BASE; OUT equals BASE apart from metadata")
         sat = sum(report["fp8_saturated"].values())
         if sat:

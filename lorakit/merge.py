@@ -37,6 +37,9 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
         shapes = f.shapes()
     spec = detect(shapes, str(base))
     result = Plan(str(base), spec, [])
+    if model_only and all(c.strength_kind == "clip" for c in spec.components):
+        result.notes.append(f"--model-only on a text-encoder BASE ({spec.name}): nothing applies; OUT equals BASE "
+                            "apart from metadata")
     for i, ls in enumerate(loras):
         lora = load_lora(ls.path)
         check_compatible(lora, spec, str(base))

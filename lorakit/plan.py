@@ -53,10 +53,11 @@ class Plan:
     spec: BaseSpec
     loras: list[dict]
     ops: dict[str, list[Op]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def report(self) -> dict:
         return {"base": self.base_path, "base_arch": self.spec.arch, "base_arch_name": self.spec.name,
-                "components": [c.label for c in self.spec.components], "loras": self.loras}
+                "components": [c.label for c in self.spec.components], "loras": self.loras, "notes": self.notes}
 
 
 # base archs whose LoRAs must be made for the same family; stand-alone text encoders take any

@@ -1,0 +1,169 @@
+"""File-to-file merge benchmark: full-size synthetic checkpoint vs ``cp`` of the same file.
+
+    python benchmarks/merge_file.py --arch sdxl     # ~6.9 GB fp16, rank-32 LoRA on every attn/ff/proj + both TEs
+    python benchmarks/merge_file.py --arch flux     # ~23.8 GB bf16, rank-32 LoRA on all 304 block Linears
+
+Shapes come from the real manifests (../shared/manifests). Data is random (a random block tiled
+over the file, so writing 24 GB does not take an hour of RNG). One run reports, for the same
+file: ``cp`` wall time, ``cp`` + ``sync`` wall time (the merge fsyncs its output), the merge's
+wall time and peak RSS (from wait4), and the ratios. Page caches are dropped before each timed
+step when the machine allows it (root + /proc/sys/vm/drop_caches), and the report says whether.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lorakit.io.safetensors import DTYPES, TensorInfo, build_header, save_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT.parent / "shared" / "manifests"
+SETS = {
+    "sdxl": ("sdxl_base_1.0.json", "F16"),
+    "flux": ("flux1-dev.json", "BF16"),
+}
+SDXL_UNET = re.compile(r"model\.diffusion_model\.(.*(?:transformer_blocks\.\d+\.(?:attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.(?:0\.proj|2))"
+                       r"|\w+\.1\.proj_(?:in|out)))\.weight$")
+TE1 = re.compile(r"conditioner\.embedders\.0\.transformer\.(text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12]))\.weight$")
+TE2 = re.compile(r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.(\d+)\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
+TE2_NAMES = {"attn.out_proj.weight": ["self_attn_out_proj"], "mlp.c_fc.weight": ["mlp_fc1"], "mlp.c_proj.weight": ["mlp_fc2"],
+             "attn.in_proj_weight": ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj"]}
+FLUX = re.compile(r"((?:double|single)_blocks\.\d+\.(?:img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.[02]|"
+                  r"txt_mlp\.[02]|img_mod\.lin|txt_mod\.lin|linear1|linear2|modulation\.lin))\.weight$")
+
+
+def lora_modules(arch: str, manifest: dict) -> dict[str, tuple[int, int]]:
+    """kohya module name -> (out, in) for the benchmark's target set."""
+    mods: dict[str, tuple[int, int]] = {}
+    for key, (shape, _) in manifest.items():
+        if arch == "flux":
+            if (m := FLUX.match(key)):
+                mods["lora_unet_" + m.group(1).replace(".", "_")] = (shape[0], shape[1])
+            continue
+        if (m := SDXL_UNET.match(key)) and len(shape) >= 2:
+            mods["lora_unet_" + m.group(1).replace(".", "_")] = (shape[0], shape[1])
+        elif (m := TE1.match(key)):
+            mods["lora_te1_" + m.group(1).replace(".", "_")] = (shape[0], shape[1])
+        elif (m := TE2.match(key)):
+            layer, child = m.groups()
+            rows = shape[0] // len(TE2_NAMES[child])
+            for n in TE2_NAMES[child]:
+                mods[f"lora_te2_text_model_encoder_layers_{layer}_{n}"] = (rows, shape[1])
+    return mods
+
+
+def write_base(path: Path, manifest: dict, dtype: str) -> int:
+    """Stream a checkpoint with the manifest's keys; floats in ``dtype``; returns bytes."""
+    infos, off = [], 0
+    for key in sorted(manifest):
+        shape, mdt = manifest[key]
+        dt = dtype if mdt in ("F16", "BF16", "F32") else mdt
+        n = 1
+        for d in shape:
+            n *= d
+        infos.append(TensorInfo(key, dt, tuple(shape), off, off + n * DTYPES[dt][1]))
+        off += n * DTYPES[dt][1]
+    g = torch.Generator().manual_seed(0)
+    block = (torch.randn(16 << 20, generator=g) * 0.02).to(DTYPES[dtype][0]).view(torch.uint8).numpy().tobytes()
+    with open(path, "wb") as fh:
+        fh.write(build_header(infos, {"format": "pt"}))
+        for i in infos:
+            left = i.nbytes
+            while left:
+                n = min(left, len(block))
+                fh.write(block[:n])
+                left -= n
+    return path.stat().st_size
+
+
+def write_lora(path: Path, mods: dict[str, tuple[int, int]], rank: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    t: dict[str, torch.Tensor] = {}
+    for name, (out, inn) in mods.items():
+        t[name + ".lora_down.weight"] = (torch.randn(rank, inn, generator=g) * 0.02).half()
+        t[name + ".lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.02).half()
+        t[name + ".alpha"] = torch.tensor(float(rank), dtype=torch.float16)
+    save_file(t, path, {"ss_network_dim": str(rank)})
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a child process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"command failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=sorted(SETS), default="sdxl")
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_work")
+    ap.add_argument("--manifests", type=Path, default=MANIFESTS)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    fname, dtype = SETS[args.arch]
+    manifest = json.loads((args.manifests / fname).read_text())
+    total = sum(torch.Size(s).numel() * DTYPES[dtype if d in ("F16", "BF16", "F32") else d][1] for s, d in manifest.values())
+    need = 2 * total + (1 << 30)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.workdir).free
+    if free < need:
+        raise SystemExit(f"not enough disk in {args.workdir}: need {need / 1e9:.1f} GB (base + output), have {free / 1e9:.1f} GB")
+    base, copy, out, lora = (args.workdir / f"{args.arch}_{n}" for n in ("base.safetensors", "copy.safetensors",
+                                                                        "merged.safetensors", "lora.safetensors"))
+    try:
+        print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({dtype}) ...", flush=True)
+        size = write_base(base, manifest, dtype)
+        mods = lora_modules(args.arch, manifest)
+        write_lora(lora, mods, args.rank)
+        dropped = drop_caches()
+        cp_wall, _ = timed(["cp", str(base), str(copy)])
+        sync_t0 = time.perf_counter()
+        subprocess.run(["sync", "-f", str(copy)], check=True)
+        cp_sync = cp_wall + time.perf_counter() - sync_t0
+        copy.unlink()  # free the disk before the merge writes its output
+        drop_caches()
+        cmd = [sys.executable, "-m", "lorakit", "merge", str(base), f"{lora}:1.0", "-o", str(out), "--no-progress"]
+        merge_wall, rss = timed(cmd)
+        res = {
+            "arch": args.arch, "dtype": dtype, "file_bytes": size, "lora_modules": len(mods), "rank": args.rank,
+            "cp_s": round(cp_wall, 2), "cp_plus_sync_s": round(cp_sync, 2), "merge_s": round(merge_wall, 2),
+            "merge_over_cp": round(merge_wall / cp_wall, 3), "merge_over_cp_sync": round(merge_wall / cp_sync, 3),
+            "peak_rss_gb": round(rss / 1e9, 3), "page_cache_dropped": dropped,
+            "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
+            "torch": torch.__version__,
+        }
+        print(json.dumps(res, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=1))
+    finally:
+        for p in (base, copy, out, lora):
+            p.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

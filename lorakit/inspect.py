@@ -1,0 +1,132 @@
+"""``lorakit inspect``: what a LoRA is (format, arch, algorithms, ranks, trigger words) or what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from . import formats
+from .adapters import select
+from .arch import ARCH_NAMES, detect
+from .errors import ArchitectureMismatch
+from .io.safetensors import SafetensorsFile
+from .lora import load_lora
+
+# a file is a LoRA when most keys carry an adapter suffix
+LORA_FRACTION = 0.5
+TE_PREFIXES = {"lora_te_": "te1", "lora_te1_": "te1", "text_encoder.": "te1", "lora_te2_": "te2",
+               "text_encoder_2.": "te2", "lora_te3_": "te3"}
+
+
+def _is_lora(keys: list[str]) -> bool:
+    roles = [formats.split_key(k, lambda m: False)[1] for k in keys]
+    adapter_roles = [r for r in roles if r not in ("unknown", "ia3_weight", "set")]
+    return bool(keys) and len(adapter_roles) >= LORA_FRACTION * len(keys)
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 10) -> dict:
+    """Trigger phrase, most frequent training tags and output name, from the trainers' metadata."""
+    out: dict = {}
+    if metadata.get("modelspec.trigger_phrase"):
+        out["trigger_phrase"] = metadata["modelspec.trigger_phrase"]
+    tags: Counter = Counter()
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+        for per_dir in freq.values():
+            for tag, n in per_dir.items():
+                tags[tag.strip()] += int(n)
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        pass
+    if tags:
+        out["top_tags"] = [t for t, _ in tags.most_common(limit)]
+    try:  # kohya dataset folders are named "<repeats>_<trigger>"
+        dirs = json.loads(metadata.get("ss_dataset_dirs", "{}"))
+        names = [m.group(1) for d in dirs if (m := re.match(r"\d+_(.+)$", Path(d).name))]
+        if names:
+            out["dataset_folders"] = names
+    except (json.JSONDecodeError, TypeError):
+        pass
+    if metadata.get("ss_output_name"):
+        out["output_name"] = metadata["ss_output_name"]
+    return out
+
+
+def describe(path: str) -> dict:
+    with SafetensorsFile(path) as f:
+        keys, size = f.keys(), f.file_size
+        dtypes = Counter(f.tensors[k].dtype for k in keys)
+        shapes = f.shapes()
+        metadata = dict(f.metadata)
+    if _is_lora(keys):
+        return _describe_lora(path, size)
+    try:
+        spec = detect(shapes, path)
+    except ArchitectureMismatch:
+        spec = None
+    return {
+        "kind": "checkpoint", "file": path, "bytes": size, "tensors": len(keys), "dtypes": dict(dtypes),
+        "arch": spec.arch if spec else None, "arch_name": spec.name if spec else "unknown",
+        "details": spec.details if spec else {},
+        "components": {c.label: sum(1 for k in keys if k.startswith(c.prefix)) for c in spec.components} if spec else {},
+        "scaled_fp8": "scaled_fp8" in keys, "metadata_keys": sorted(metadata),
+    }
+
+
+def _describe_lora(path: str, size: int) -> dict:
+    lora = load_lora(path)
+    groups: dict[str, dict] = {}
+    for key, t in lora.tensors.items():
+        module, role = formats.split_key(key, lambda m: False)
+        groups.setdefault(module, {})[role] = t
+    algos: Counter = Counter()
+    ranks: Counter = Counter()
+    alphas: Counter = Counter()
+    parts: Counter = Counter()
+    per_module = {}
+    for module, roles in groups.items():
+        adapter, _, _ = select(roles, None)
+        algo = adapter.algo_name if adapter else "unknown"
+        algos[algo] += 1
+        if adapter is not None and adapter.rank is not None:
+            ranks[adapter.rank] += 1
+        if adapter is not None and adapter.alpha() is not None:
+            alphas[adapter.alpha()] += 1
+        comp = formats.component_of(module, lora.arch)
+        part = next((v for p, v in TE_PREFIXES.items() if module.startswith(p)), "unet" if comp == "unet" else comp)
+        if lora.arch == "flux" and part == "te2":
+            part = "te3 (T5)"
+        parts[part or "unknown"] += 1
+        per_module[module] = algo
+    return {
+        "kind": "lora", "file": path, "bytes": size, "tensors": len(lora.tensors), "sha256": lora.sha256,
+        "format": lora.family, "arch": lora.arch, "arch_name": ARCH_NAMES.get(lora.arch or "", "unknown"),
+        "arch_source": lora.arch_source, "algorithms": dict(algos), "ranks": {str(k): v for k, v in ranks.items()},
+        "alphas": {f"{k:g}": v for k, v in alphas.items()}, "parts": dict(parts),
+        "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in lora.tensors.values())),
+        "trigger_words": trigger_words(lora.metadata), "modules": per_module,
+        "metadata": {k: v for k, v in lora.metadata.items() if k.startswith(("ss_base", "ss_network", "modelspec."))},
+    }
+
+
+def render(info: dict) -> str:
+    lines = [f"{info['file']}: {info['kind']}, {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors"]
+    if info["kind"] == "lora":
+        lines.append(f"  format: {info['format']}; made for: {info['arch_name']} ({info['arch_source']})")
+        lines.append(f"  algorithms (modules): {', '.join(f'{a} ({n})' for a, n in info['algorithms'].items())}")
+        lines.append(f"  ranks: {info['ranks'] or '-'}; alphas: {info['alphas'] or '-'}")
+        lines.append(f"  parts (modules): {', '.join(f'{p} ({n})' for p, n in info['parts'].items())}")
+        lines.append(f"  dtypes: {info['dtypes']}")
+        tw = info["trigger_words"]
+        if tw:
+            for k, v in tw.items():
+                lines.append(f"  {k.replace('_', ' ')}: {', '.join(v) if isinstance(v, list) else v}")
+        else:
+            lines.append("  trigger words: none recorded in the file's metadata")
+    else:
+        lines.append(f"  architecture: {info['arch_name']} {info['details'] or ''}".rstrip())
+        for comp, n in info["components"].items():
+            lines.append(f"  component: {comp} ({n} tensors)")
+        lines.append(f"  dtypes: {info['dtypes']}" + ("; scaled fp8" if info["scaled_fp8"] else ""))
+    return "\n".join(lines)
