@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,6 +30,8 @@ from .progress import Progress
 
 SCALED_FP8_MARKER = "scaled_fp8"
 COPY_CHUNK = 64 << 20
+PREFETCH = 2
+WRITE_BEHIND = 2
 
 
 def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = False,
@@ -134,9 +138,8 @@ class _Writer:
         self.progress.advance(info.nbytes)
 
 
-def _patch_tensor(src: SafetensorsFile, key: str, ops: list[Op], scale: float | None, *, device: torch.device,
+def _patch_tensor(stored: torch.Tensor, key: str, ops: list[Op], scale: float | None, *, device: torch.device,
                   rounding: str, seed: int) -> tuple[torch.Tensor, int]:
-    stored = src.get(key)
     w32 = stored.to(device).float()
     if scale is not None:
         w32 = w32 * scale
@@ -156,6 +159,42 @@ def _patch_tensor(src: SafetensorsFile, key: str, ops: list[Op], scale: float | 
         saturated += round_into(o2[sl], w2[sl].cpu(), r2[sl].cpu(), rounding=rounding, seed=seed, key=key,
                                 index_offset=r0 * per_row, scale=scale)
     return out, saturated
+
+
+def _stream(src: SafetensorsFile, writer: "_Writer", ops: dict[str, list[Op]], scales: dict[str, float],
+            saturated: dict[str, int], *, device: torch.device, rounding: str, seed: int) -> None:
+    """Read-ahead, patch and write-behind on two I/O threads, so disk and compute overlap.
+
+    At most PREFETCH tensors are read ahead and WRITE_BEHIND results wait to be written,
+    which bounds memory to a few tensors whatever the file size.
+    """
+    touched = [k for k in src.order if k in ops]
+    reader, out = ThreadPoolExecutor(1, "lorakit-read"), ThreadPoolExecutor(1, "lorakit-write")
+    reads: deque = deque(reader.submit(src.get, k) for k in touched[:PREFETCH])
+    writes: deque = deque()
+    try:
+        pos = 0
+        for i, key in enumerate(touched):
+            info = src.tensors[key]
+            writes.append(out.submit(writer.copy, pos, info.begin))
+            stored = reads.popleft().result()
+            if i + PREFETCH < len(touched):
+                reads.append(reader.submit(src.get, touched[i + PREFETCH]))
+            new, sat = _patch_tensor(stored, key, ops[key], scales.get(key), device=device, rounding=rounding,
+                                     seed=seed)
+            del stored
+            if sat:
+                saturated[key] = sat
+            writes.append(out.submit(writer.write, info, tensor_bytes(new)))
+            while len(writes) > WRITE_BEHIND:
+                writes.popleft().result()
+            pos = info.end
+        writes.append(out.submit(writer.copy, pos, src.file_size - src.data_start))
+        while writes:
+            writes.popleft().result()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        out.shutdown(wait=True, cancel_futures=True)
 
 
 def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.PathLike, *, model_only: bool = False,
@@ -183,19 +222,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
         saturated: dict[str, int] = {}
         try:
             writer = _Writer(src, fd, header, bar)
-            pos = 0
-            for key in src.order:
-                info = src.tensors[key]
-                ops = the_plan.ops.get(key)
-                if not ops:
-                    continue
-                writer.copy(pos, info.begin)
-                new, sat = _patch_tensor(src, key, ops, scales.get(key), device=dev, rounding=mode, seed=seed)
-                if sat:
-                    saturated[key] = sat
-                writer.write(info, tensor_bytes(new))
-                pos = info.end
-            writer.copy(pos, src.file_size - src.data_start)
+            _stream(src, writer, the_plan.ops, scales, saturated, device=dev, rounding=mode, seed=seed)
             os.fsync(fd)
             os.close(fd)
             fd = -1

@@ -24,9 +24,11 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
 
 
 def _fp32_update_(w32: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
+    # one GEMM with beta = 1: no full-size delta temporary, one pass over W
     m = as_matrix(w32)
-    delta = up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()
-    m.add_(delta, alpha=scale)
+    m.addmm_(up.reshape(up.shape[0], -1).float(), down.reshape(down.shape[0], -1).float(), alpha=scale)
+    if m.untyped_storage().data_ptr() != w32.untyped_storage().data_ptr():  # reshape had to copy
+        w32.copy_(m.reshape(w32.shape))
 
 
 def lowrank_update_(
