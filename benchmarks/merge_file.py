@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--manifests", type=Path, default=MANIFESTS)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating cp / merge runs (medians reported)")
+    ap.add_argument("--keep", action="store_true", help="keep (and reuse) the synthetic base and LoRA")
     args = ap.parse_args()
     fname, dtype = SETS[args.arch]
     manifest = json.loads((args.manifests / fname).read_text())
@@ -136,24 +139,36 @@ def main() -> None:
     base, copy, out, lora = (args.workdir / f"{args.arch}_{n}" for n in ("base.safetensors", "copy.safetensors",
                                                                         "merged.safetensors", "lora.safetensors"))
     try:
-        print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({dtype}) ...", flush=True)
-        size = write_base(base, manifest, dtype)
         mods = lora_modules(args.arch, manifest)
-        write_lora(lora, mods, args.rank)
-        dropped = drop_caches()
-        cp_wall, _ = timed(["cp", str(base), str(copy)])
-        sync_t0 = time.perf_counter()
-        subprocess.run(["sync", "-f", str(copy)], check=True)
-        cp_sync = cp_wall + time.perf_counter() - sync_t0
-        copy.unlink()  # free the disk before the merge writes its output
-        drop_caches()
+        if not (args.keep and base.exists() and lora.exists()):
+            print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({dtype}) ...", flush=True)
+            write_base(base, manifest, dtype)
+            write_lora(lora, mods, args.rank)
+        size = base.stat().st_size
         cmd = [sys.executable, "-m", "lorakit", "merge", str(base), f"{lora}:1.0", "-o", str(out), "--no-progress"]
-        merge_wall, rss = timed(cmd)
+        cps, syncs, merges, rsss = [], [], [], []
+        dropped = True
+        for _ in range(args.repeat):  # alternate, so a drifting disk hits both sides alike
+            dropped &= drop_caches()
+            cp_wall, _ = timed(["cp", str(base), str(copy)])
+            sync_t0 = time.perf_counter()
+            subprocess.run(["sync", "-f", str(copy)], check=True)
+            cps.append(cp_wall)
+            syncs.append(cp_wall + time.perf_counter() - sync_t0)
+            copy.unlink()  # free the disk before the merge writes its output
+            dropped &= drop_caches()
+            merge_wall, rss = timed(cmd)
+            merges.append(merge_wall)
+            rsss.append(rss)
+            out.unlink()
+        med = statistics.median
         res = {
             "arch": args.arch, "dtype": dtype, "file_bytes": size, "lora_modules": len(mods), "rank": args.rank,
-            "cp_s": round(cp_wall, 2), "cp_plus_sync_s": round(cp_sync, 2), "merge_s": round(merge_wall, 2),
-            "merge_over_cp": round(merge_wall / cp_wall, 3), "merge_over_cp_sync": round(merge_wall / cp_sync, 3),
-            "peak_rss_gb": round(rss / 1e9, 3), "page_cache_dropped": dropped,
+            "runs": args.repeat, "cp_s": round(med(cps), 2), "cp_plus_sync_s": round(med(syncs), 2),
+            "merge_s": round(med(merges), 2), "merge_over_cp": round(med(merges) / med(cps), 3),
+            "merge_over_cp_sync": round(med(merges) / med(syncs), 3), "peak_rss_gb": round(max(rsss) / 1e9, 3),
+            "all_cp_s": [round(x, 2) for x in cps], "all_merge_s": [round(x, 2) for x in merges],
+            "page_cache_dropped": dropped,
             "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
             "torch": torch.__version__,
         }
@@ -161,7 +176,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
     finally:
-        for p in (base, copy, out, lora):
+        for p in (copy, out) if args.keep else (base, copy, out, lora):
             p.unlink(missing_ok=True)
 
 

