@@ -104,5 +104,7 @@ def round_into(
         new = _nearest_fp8(target, dst.dtype)
     else:
         raise ValueError(f"unknown rounding mode {rounding!r}")
-    dst.view(torch.uint8).copy_(torch.where(changed, new.view(torch.uint8), dst.view(torch.uint8)))
+    # keep the old bits wherever the stored value does not move (also keeps the sign of zeros)
+    moved = changed & (new.float() != dst.float())
+    dst.view(torch.uint8).copy_(torch.where(moved, new.view(torch.uint8), dst.view(torch.uint8)))
     return saturated
