@@ -17,6 +17,7 @@ import torch
 from . import formats
 from .adapters import PENDING, select
 from .adapters.base import Adapter
+from .adapters.lora import LoRA
 from .arch import ARCH_NAMES, COMPONENTS, BaseSpec, Target
 from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UnsupportedAdapter
 from .lora import LoraFile
@@ -164,6 +165,9 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
             unmatched.append({"module": module, "keys": keys, "reason": "tensor names of no known adapter: "
                               + ", ".join(sorted(roles))})
             continue
+        if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
+            notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
+                         "scale alpha/rank per part")
         view = _view_shape(shapes[target.key], target)
         reason = adapter.check(view)
         bias_target = None

@@ -12,9 +12,30 @@ class LoRA(Adapter):
     required = frozenset({"up", "down"})
     optional = frozenset({"mid", "up_bias"})
 
+    split_parts = 1  # > 1 for kohya split_qkv files (see detect_split)
+
     @property
     def rank(self) -> int:
-        return int(self.t["down"].shape[0])
+        return int(self.t["down"].shape[0]) // self.split_parts
+
+    def detect_split(self, splits: tuple[int, ...]) -> bool:
+        """kohya ``split_qkv``: q/k/v(/mlp) LoRAs of rank r saved fused, down = cat (rank n*r), up
+        block-diagonal. Its alpha is per part, so the scale is alpha/r, not alpha/(n*r)."""
+        up, down = self.t["up"], self.t["down"]
+        n = len(splits)
+        if "mid" in self.t or up.dim() != 2 or down.shape[0] % n or sum(splits) != up.shape[0]:
+            return False
+        r = down.shape[0] // n
+        row = 0
+        for i, size in enumerate(splits):
+            block = up[row : row + size]
+            if bool(block[:, : i * r].any()) or bool(block[:, (i + 1) * r :].any()):
+                return False
+            row += size
+        if not bool(up.any()):
+            return False
+        self.split_parts = n
+        return True
 
     @property
     def scale(self) -> float:

@@ -84,7 +84,12 @@ def build(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[Component, d
         module, _, leaf = path.rpartition(".")
         if leaf not in ("weight", "scale") or not module:
             continue
-        comp.add([f"lora_unet_{underscored(module)}", f"diffusion_model.{module}", module], Target(key))
+        splits = None
+        if module.endswith(("img_attn.qkv", "txt_attn.qkv")):
+            splits = (h, h, h)
+        elif module.endswith("linear1") and module.startswith("single_blocks."):
+            splits = (h, h, h, mlp)
+        comp.add([f"lora_unet_{underscored(module)}", f"diffusion_model.{module}", module], Target(key, splits=splits))
     for i in range(n_double):
         for diff, (bfl, block) in DOUBLE.items():
             add_diffusers(f"transformer_blocks.{i}.{diff}", f"double_blocks.{i}.{bfl}", block)

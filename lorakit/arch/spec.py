@@ -18,6 +18,9 @@ class Target:
     key: str
     rows: tuple[int, int] | None = None
     transform: str | None = None
+    # row sizes of the parts of a fused weight (Flux qkv: h,h,h; linear1: h,h,h,mlp), for
+    # recognising kohya's split_qkv files (block-diagonal up, rank stored as parts x r)
+    splits: tuple[int, ...] | None = field(default=None, compare=False)
 
     def bias_key(self) -> str | None:
         if self.key.endswith(".weight"):
