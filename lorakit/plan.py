@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import formats
-from .adapters import PENDING, select
+from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
 from .arch import ARCH_NAMES, COMPONENTS, BaseSpec, Target
@@ -157,10 +157,9 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
         adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
         notes += [f"{module}: {n}" for n in adapter_notes]
         if adapter is None:
-            pending = sorted({PENDING[r] for r in roles if r in PENDING})
-            if pending:
+            if "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 4:
                 raise UnsupportedAdapter(
-                    f"{lora.path}: module {module} uses {', '.join(pending)}, which this lorakit version cannot apply yet "
+                    f"{lora.path}: module {module} uses BOFT, which this lorakit version cannot apply yet "
                     f"(keys {', '.join(keys[:3])}); nothing was written")
             unmatched.append({"module": module, "keys": keys, "reason": "tensor names of no known adapter: "
                               + ", ".join(sorted(roles))})
@@ -227,6 +226,8 @@ def unmatched_error(report: dict, base_name: str, spec: BaseSpec) -> UnmatchedKe
     keys = [k for e in u for k in e["keys"]]
     first = u[0]
     near = f"; nearest: {'; '.join(first['nearest'])}" if first.get("nearest") else ""
+    if all(e["reason"].startswith("shape mismatch") for e in u) and len(u) == len(report["matched"]) + len(u):
+        near += "; every module has the wrong shape: the LoRA was made for a model of another size"
     msg = (f"{report['file']}: {len(keys)} key(s) address no tensor of BASE {base_name} ({spec.name}): "
            f"{', '.join(keys[:3])}{' (+%d more)' % (len(keys) - 3) if len(keys) > 3 else ''} "
            f"[{first['reason']}]{near}. Nothing was written; --allow-unmatched applies the rest, "

@@ -159,3 +159,22 @@ def test_several_adapters_in_one_module_last_wins_with_note() -> None:
     roles = {"up": torch.ones(2, 1), "down": torch.ones(1, 3), "diff": torch.full((2, 3), 5.0)}
     adapter, unused, notes = select(roles, None)
     assert type(adapter).__name__ == "Full" and set(unused) == {"up", "down"} and "last" in notes[0]
+
+
+def test_ia3_by_hand() -> None:
+    w = T([[1.0, 2, 3], [4, 5, 6]])
+    assert torch.equal(merged({"ia3_weight": T([1.0, -0.5])}, w), T([[2.0, 4, 6], [2, 2.5, 3]]))
+    on_input = {"ia3_weight": T([1.0, 0.0, -1.0]), "on_input": T(True)}
+    assert torch.equal(merged(on_input, w, 0.5), T([[1.5, 2, 1.5], [6, 5, 3]]))
+
+
+def test_norm_deltas() -> None:
+    adapter, unused, _ = select({"w_norm": T([1.0, 2.0]), "b_norm": T([0.5, 0.5])}, None)
+    w = T([1.0, 1.0])
+    adapter.apply_(w, 2.0)
+    assert torch.equal(w, T([3.0, 5.0])) and torch.equal(adapter.bias_delta(), T([0.5, 0.5])) and not unused
+
+
+def test_boft_is_refused_not_misread() -> None:
+    adapter, unused, _ = select({"oft_blocks": torch.zeros(2, 3, 4, 4)}, None)
+    assert adapter is None and unused == ["oft_blocks"]

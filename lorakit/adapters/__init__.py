@@ -7,21 +7,19 @@ import torch
 from .base import Adapter
 from .full import Full, Set
 from .glora import GLoRA
+from .ia3 import IA3
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
+from .norm import Norm
 from .oft import OFT
 
 # Tried in order; when several match one module the last wins (ComfyUI's precedence).
-ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, Full, Set]
-
-# roles that belong to algorithms lorakit recognises but cannot apply yet -> algorithm name
-PENDING = {"on_input": "IA3", "ia3_weight": "IA3", "w_norm": "norm", "b_norm": "norm"}
-
+ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, IA3, Norm, Full, Set]
 
 def select(roles: dict[str, torch.Tensor], default_alpha: float | None) -> tuple[Adapter | None, list[str], list[str]]:
     """(adapter, roles it leaves unused, notes) for one module's tensors."""
-    matching = [cls for cls in ADAPTERS if cls.matches(roles.keys())]
+    matching = [cls for cls in ADAPTERS if cls.matches(roles)]
     notes: list[str] = []
     if not matching:
         return None, sorted(roles), notes

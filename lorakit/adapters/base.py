@@ -32,8 +32,8 @@ class Adapter:
         self.dora_scale = t.get("dora_scale")
 
     @classmethod
-    def matches(cls, roles) -> bool:
-        return bool(cls.required) and cls.required <= roles
+    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
+        return bool(cls.required) and cls.required <= roles.keys()
 
     # -- what subclasses provide ---------------------------------------------------------
     @property

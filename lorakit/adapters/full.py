@@ -12,7 +12,7 @@ class Full(Adapter):
     optional = frozenset({"diff", "diff_b"})
 
     @classmethod
-    def matches(cls, roles) -> bool:
+    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
         return "diff" in roles or "diff_b" in roles
 
     def apply_(self, w: torch.Tensor, strength: float) -> None:

@@ -16,9 +16,9 @@ class LoKr(Adapter):
     optional = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"})
 
     @classmethod
-    def matches(cls, roles) -> bool:
-        has1 = "lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles
-        has2 = "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles
+    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
+        has1 = "lokr_w1" in roles or {"lokr_w1_a", "lokr_w1_b"} <= roles.keys()
+        has2 = "lokr_w2" in roles or {"lokr_w2_a", "lokr_w2_b"} <= roles.keys()
         return has1 and has2
 
     @property

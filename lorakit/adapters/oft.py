@@ -18,6 +18,10 @@ class OFT(Adapter):
     required = frozenset({"oft_blocks"})
     optional = frozenset({"rescale"})
 
+    @classmethod
+    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
+        return "oft_blocks" in roles and roles["oft_blocks"].dim() == 3  # 4-D blocks are BOFT
+
     def rotation(self) -> torch.Tensor:
         blocks = self.t["oft_blocks"].float()
         eye = torch.eye(blocks.shape[-1])
