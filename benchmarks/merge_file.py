@@ -88,14 +88,32 @@ def write_base(path: Path, manifest: dict, dtype: str) -> int:
     return path.stat().st_size
 
 
-def write_lora(path: Path, mods: dict[str, tuple[int, int]], rank: int) -> None:
+def _factor(n: int) -> int:
+    return next(f for f in (8, 4, 2, 1) if n % f == 0)
+
+
+def write_lora(path: Path, mods: dict[str, tuple[int, int]], rank: int, algo: str = "lora") -> None:
+    """A kohya/LyCORIS-named file of the given algorithm over ``mods``."""
     g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).half()
+
     t: dict[str, torch.Tensor] = {}
     for name, (out, inn) in mods.items():
-        t[name + ".lora_down.weight"] = (torch.randn(rank, inn, generator=g) * 0.02).half()
-        t[name + ".lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.02).half()
         t[name + ".alpha"] = torch.tensor(float(rank), dtype=torch.float16)
-    save_file(t, path, {"ss_network_dim": str(rank)})
+        if algo in ("lora", "dora"):
+            t[name + ".lora_down.weight"], t[name + ".lora_up.weight"] = rnd(rank, inn), rnd(out, rank)
+            if algo == "dora":
+                t[name + ".dora_scale"] = (torch.rand(out, 1, generator=g) + 0.5).half()
+        elif algo == "loha":
+            for i in (1, 2):
+                t[f"{name}.hada_w{i}_a"], t[f"{name}.hada_w{i}_b"] = rnd(out, rank), rnd(rank, inn)
+        elif algo == "lokr":
+            f = min(_factor(out), _factor(inn))
+            t[name + ".lokr_w1"] = rnd(f, f)
+            t[name + ".lokr_w2_a"], t[name + ".lokr_w2_b"] = rnd(out // f, rank), rnd(rank, inn // f)
+    save_file(t, path, {"ss_network_dim": str(rank), "ss_network_module": "lycoris.kohya" if algo != "lora" else "networks.lora"})
 
 
 def drop_caches() -> bool:
@@ -122,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=sorted(SETS), default="sdxl")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--algo", choices=["lora", "loha", "lokr", "dora"], default="lora",
+                    help="adapter algorithm of the synthetic LoRA")
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--manifests", type=Path, default=MANIFESTS)
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -137,13 +157,14 @@ def main() -> None:
     if free < need:
         raise SystemExit(f"not enough disk in {args.workdir}: need {need / 1e9:.1f} GB (base + output), have {free / 1e9:.1f} GB")
     base, copy, out, lora = (args.workdir / f"{args.arch}_{n}" for n in ("base.safetensors", "copy.safetensors",
-                                                                        "merged.safetensors", "lora.safetensors"))
+                                                                        "merged.safetensors", f"{args.algo}.safetensors"))
     try:
         mods = lora_modules(args.arch, manifest)
-        if not (args.keep and base.exists() and lora.exists()):
+        if not (args.keep and base.exists()):
             print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({dtype}) ...", flush=True)
             write_base(base, manifest, dtype)
-            write_lora(lora, mods, args.rank)
+        if not (args.keep and lora.exists()):
+            write_lora(lora, mods, args.rank, args.algo)
         size = base.stat().st_size
         cmd = [sys.executable, "-m", "lorakit", "merge", str(base), f"{lora}:1.0", "-o", str(out), "--no-progress"]
         cps, syncs, merges, rsss = [], [], [], []
@@ -163,7 +184,8 @@ def main() -> None:
             out.unlink()
         med = statistics.median
         res = {
-            "arch": args.arch, "dtype": dtype, "file_bytes": size, "lora_modules": len(mods), "rank": args.rank,
+            "arch": args.arch, "dtype": dtype, "file_bytes": size, "algo": args.algo, "lora_modules": len(mods),
+            "rank": args.rank,
             "runs": args.repeat, "cp_s": round(med(cps), 2), "cp_plus_sync_s": round(med(syncs), 2),
             "merge_s": round(med(merges), 2), "merge_over_cp": round(med(merges) / med(cps), 3),
             "merge_over_cp_sync": round(med(merges) / med(syncs), 3), "peak_rss_gb": round(max(rsss) / 1e9, 3),

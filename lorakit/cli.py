@@ -34,9 +34,13 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("base", type=click.Path(dir_okay=False))
-@click.argument("loras", nargs=-1, required=True, metavar="LORA[:MODEL_STRENGTH[:CLIP_STRENGTH]]...")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Output file (required unless --dry-run).")
+@click.argument("base", type=click.Path(dir_okay=False), required=False)
+@click.argument("loras", nargs=-1, metavar="LORA[:MODEL_STRENGTH[:CLIP_STRENGTH]]...")
+@click.option("-o", "--output", "out", type=click.Path(),
+              help="Output file (required unless --dry-run); with --workflow and several files, a folder.")
+@click.option("--workflow", type=click.Path(dir_okay=False), help="Bake the LoRA chain of a ComfyUI workflow JSON.")
+@click.option("--models-dir", type=click.Path(file_okay=False), help="ComfyUI models/ folder (with --workflow).")
+@click.option("--node", "node_id", help="With --workflow: the LoRA loader node whose chain to bake.")
 @click.option("--model-only", is_flag=True, help="Like LoraLoaderModelOnly: ignore text-encoder parts.")
 @click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default=None,
               help="fp8 rounding of changed elements (default: stochastic for fp8, RTNE otherwise).")
@@ -49,11 +53,24 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing OUT.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be BASE (still written to a temporary file first).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
-def merge(base, loras, out, model_only, rounding, seed, device, allow_unmatched, allow_nonfinite, dry_run,
-          as_json, force, in_place, progress) -> None:
-    """Merge LORA(s) into BASE and write OUT. Several LoRAs apply in order, like chained LoraLoader nodes."""
+def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding, seed, device, allow_unmatched,
+          allow_nonfinite, dry_run, as_json, force, in_place, progress) -> None:
+    """Merge LORA(s) into BASE and write OUT. Several LoRAs apply in order, like chained LoraLoader nodes.
+
+    Or bake a ComfyUI workflow's chain: lorakit merge --workflow W.json --models-dir ComfyUI/models [-o OUT]."""
     from .merge import merge_file, plan
 
+    if workflow:
+        if base or loras:
+            _fail("give either BASE and LORAs or --workflow, not both", 2)
+        if not models_dir:
+            _fail("--workflow needs --models-dir (ComfyUI's models/ folder)", 2)
+        options = dict(rounding=rounding, seed=seed, device=device, allow_unmatched=allow_unmatched,
+                       allow_nonfinite=allow_nonfinite, force=force, progress=progress)
+        _run(_merge_workflow, workflow, models_dir, out, node_id, dry_run, as_json, options)
+        return
+    if not base or not loras:
+        _fail("missing BASE and at least one LORA (or --workflow)", 2)
     specs = [parse_lora_arg(a) for a in loras]
     if dry_run:
         p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite)
@@ -68,6 +85,38 @@ def merge(base, loras, out, model_only, rounding, seed, device, allow_unmatched,
                   allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, force=force, in_place=in_place,
                   progress=progress)
     _print_report(report, as_json)
+
+
+def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: str | None, dry_run: bool,
+                    as_json: bool, options: dict) -> None:
+    from pathlib import Path
+
+    from . import workflow as wf
+    from .merge import merge_file, plan
+    from .plan import LoraSpec
+
+    jobs = wf.plan_jobs(wf.load(workflow), Path(models_dir), node_id=node_id)
+    wf.assign_outputs(jobs, Path(out) if out else None)
+    extra = [f"--{k.replace('_', '-')}" for k in ("allow_unmatched", "allow_nonfinite", "force") if options[k]]
+    extra += ["--rounding", options["rounding"]] if options["rounding"] else []
+    extra += ["--seed", str(options["seed"])] if options["seed"] else []
+    reports = []
+    for job in jobs:
+        click.echo(f"# {job.why}", err=as_json)
+        click.echo(job.command(extra + (["--dry-run"] if dry_run else [])), err=as_json)
+        specs = [LoraSpec(str(p), m, c) for p, m, c in job.loras]
+        if dry_run:
+            report = plan(job.base, specs, model_only=job.model_only, allow_unmatched=True,
+                          allow_nonfinite=options["allow_nonfinite"]).report()
+        else:
+            report = merge_file(job.base, specs, job.out, model_only=job.model_only, **options)
+        reports.append(report)
+        if not as_json:
+            _print_report(dict(report, dry_run=dry_run, would_fail=False), False)
+    if as_json:
+        click.echo(json.dumps({"workflow": workflow, "jobs": [
+            {"command": j.command(extra), "base": str(j.base), "out": str(j.out), "report": r}
+            for j, r in zip(jobs, reports)]}, indent=1))
 
 
 def _print_report(report: dict, as_json: bool) -> None:
