@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
     ArchitectureMismatch, BackendUnavailable, FileFormatError, LorakitError, NonFiniteError, OutputError,
-    UnmatchedKeysError, UnsupportedAdapter,
+    UnmatchedKeysError,
 )
 from .lora import LoraFile, load_lora  # noqa: E402
 from .merge import merge_file, plan  # noqa: E402
@@ -14,5 +14,5 @@ from .plan import LoraSpec, parse_lora_arg  # noqa: E402
 __all__ = [
     "__version__", "load_lora", "LoraFile", "plan", "merge_file", "lowrank_update_", "LoraSpec", "parse_lora_arg",
     "LorakitError", "FileFormatError", "ArchitectureMismatch", "UnmatchedKeysError", "NonFiniteError",
-    "UnsupportedAdapter", "OutputError", "BackendUnavailable",
+    "OutputError", "BackendUnavailable",
 ]

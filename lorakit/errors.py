@@ -29,10 +29,6 @@ class NonFiniteError(LorakitError):
     """NaN or inf in LoRA factors."""
 
 
-class UnsupportedAdapter(LorakitError):
-    """The LoRA uses an algorithm lorakit cannot apply."""
-
-
 class OutputError(LorakitError):
     """OUT cannot be written: exists, equals BASE, folder unwritable, disk full."""
 

@@ -19,7 +19,7 @@ from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
 from .arch import ARCH_NAMES, COMPONENTS, BaseSpec, Target
-from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UnsupportedAdapter
+from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError
 from .lora import LoraFile
 
 
@@ -157,10 +157,6 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
         adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
         notes += [f"{module}: {n}" for n in adapter_notes]
         if adapter is None:
-            if "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 4:
-                raise UnsupportedAdapter(
-                    f"{lora.path}: module {module} uses BOFT, which this lorakit version cannot apply yet "
-                    f"(keys {', '.join(keys[:3])}); nothing was written")
             unmatched.append({"module": module, "keys": keys, "reason": "tensor names of no known adapter: "
                               + ", ".join(sorted(roles))})
             continue

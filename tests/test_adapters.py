@@ -175,6 +175,17 @@ def test_norm_deltas() -> None:
     assert torch.equal(w, T([3.0, 5.0])) and torch.equal(adapter.bias_delta(), T([0.5, 0.5])) and not unused
 
 
-def test_boft_is_refused_not_misread() -> None:
-    adapter, unused, _ = select({"oft_blocks": torch.zeros(2, 3, 4, 4)}, None)
-    assert adapter is None and unused == ["oft_blocks"]
+def test_boft_by_hand() -> None:
+    # one stage, one 2x2 block: R = [[0,1],[-1,0]] applied to the rows (LyCORIS: R @ W)
+    roles = {"oft_blocks": T([[[[0.0, 1.0], [0.0, 0.0]]]])}
+    assert torch.allclose(merged(roles, T([[1.0, 2, 3], [4, 5, 6]])), T([[4.0, 5, 6], [-1, -2, -3]]), atol=1e-6)
+
+
+def test_boft_is_orthogonal_on_rows_and_identity_at_zero_strength() -> None:
+    g = torch.Generator().manual_seed(6)
+    blocks = torch.randn(3, 4, 4, 4, generator=g) * 0.1  # m=3 stages, 4 blocks of 4 -> 16 rows
+    w = torch.randn(16, 5, generator=g)
+    out = merged({"oft_blocks": blocks}, w)
+    assert torch.allclose(out.norm(dim=0), w.norm(dim=0), rtol=1e-5)  # an orthogonal map of the rows
+    assert not torch.allclose(out, w)
+    assert torch.allclose(merged({"oft_blocks": blocks}, w, 0.0), w)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter
+from .boft import BOFT
 from .full import Full, Set
 from .glora import GLoRA
 from .ia3 import IA3
@@ -15,7 +16,7 @@ from .norm import Norm
 from .oft import OFT
 
 # Tried in order; when several match one module the last wins (ComfyUI's precedence).
-ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, IA3, Norm, Full, Set]
+ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, BOFT, IA3, Norm, Full, Set]
 
 def select(roles: dict[str, torch.Tensor], default_alpha: float | None) -> tuple[Adapter | None, list[str], list[str]]:
     """(adapter, roles it leaves unused, notes) for one module's tensors."""

@@ -13,6 +13,17 @@ import torch
 from .base import Adapter
 
 
+def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """R = (I + Q)(I - Q)^-1 with Q = B - B^T, Q scaled to norm ``constraint`` when it is larger."""
+    eye = torch.eye(blocks.shape[-1])
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * (constraint / norm)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
 class OFT(Adapter):
     algo = "oft"
     required = frozenset({"oft_blocks"})
@@ -23,15 +34,7 @@ class OFT(Adapter):
         return "oft_blocks" in roles and roles["oft_blocks"].dim() == 3  # 4-D blocks are BOFT
 
     def rotation(self) -> torch.Tensor:
-        blocks = self.t["oft_blocks"].float()
-        eye = torch.eye(blocks.shape[-1])
-        q = blocks - blocks.transpose(1, 2)
-        a = self.alpha() or 0.0
-        if a > 0:
-            norm = torch.norm(q) + 1e-8
-            if norm > a:
-                q = q * (a / norm)
-        return (eye + q) @ torch.linalg.inv(eye - q)
+        return cayley(self.t["oft_blocks"].float(), self.alpha() or 0.0)
 
     def apply_(self, w: torch.Tensor, strength: float) -> None:
         if self.dora_scale is not None:
