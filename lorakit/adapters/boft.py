@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter
-from .oft import cayley
+from .oft import Rotation
 
 
 def butterfly(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -26,32 +25,15 @@ def butterfly(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class BOFT(Adapter):
+class BOFT(Rotation):
     algo = "boft"
-    required = frozenset({"oft_blocks"})
-    optional = frozenset({"rescale"})
 
     @classmethod
     def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
         return "oft_blocks" in roles and roles["oft_blocks"].dim() == 4
 
-    def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        return self._delta(w, 1.0)
-
-    def apply_(self, w: torch.Tensor, strength: float) -> None:
-        if self.dora_scale is not None:
-            super().apply_(w, strength)
-            return
-        w.add_(self._delta(w, strength))
-
-    def _delta(self, w: torch.Tensor, strength: float) -> torch.Tensor:
-        r = cayley(self.t["oft_blocks"].float(), self.alpha() or 0.0).to(w.device)
-        eye = torch.eye(r.shape[-1], device=w.device)
-        out = butterfly(w, eye + strength * (r - eye))
-        rescale = self.t.get("rescale")
-        if rescale is not None:
-            out = out * rescale.float().to(w.device).reshape(w.shape[0], *([1] * (w.dim() - 1)))
-        return out - w
+    def rotate(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return butterfly(w, r)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
         m, n, b, _ = self.t["oft_blocks"].shape

@@ -24,17 +24,17 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
-class OFT(Adapter):
-    algo = "oft"
+class Rotation(Adapter):
+    """Shared by OFT and BOFT: the strength acts inside the rotation, and ``rescale`` scales rows."""
+
     required = frozenset({"oft_blocks"})
     optional = frozenset({"rescale"})
 
-    @classmethod
-    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
-        return "oft_blocks" in roles and roles["oft_blocks"].dim() == 3  # 4-D blocks are BOFT
-
     def rotation(self) -> torch.Tensor:
         return cayley(self.t["oft_blocks"].float(), self.alpha() or 0.0)
+
+    def rotate(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def apply_(self, w: torch.Tensor, strength: float) -> None:
         if self.dora_scale is not None:
@@ -47,14 +47,24 @@ class OFT(Adapter):
 
     def _delta(self, w: torch.Tensor, strength: float) -> torch.Tensor:
         r = self.rotation().to(w.device)
-        n, b, _ = r.shape
-        eye = torch.eye(b, device=w.device)
-        blocks = w.reshape(n, b, *w.shape[1:])
-        rotated = torch.einsum("knm,kn...->km...", eye + strength * (r - eye), blocks).reshape(w.shape)
+        eye = torch.eye(r.shape[-1], device=w.device)
+        rotated = self.rotate(w, eye + strength * (r - eye))
         rescale = self.t.get("rescale")
         if rescale is not None:
             rotated = rotated * rescale.float().to(w.device).reshape(w.shape[0], *([1] * (w.dim() - 1)))
         return rotated - w
+
+
+class OFT(Rotation):
+    algo = "oft"
+
+    @classmethod
+    def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
+        return "oft_blocks" in roles and roles["oft_blocks"].dim() == 3  # 4-D blocks are BOFT
+
+    def rotate(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        n, b, _ = r.shape
+        return torch.einsum("knm,kn...->km...", r, w.reshape(n, b, *w.shape[1:])).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
         n, b, _ = self.t["oft_blocks"].shape

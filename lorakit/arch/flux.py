@@ -90,20 +90,17 @@ def build(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[Component, d
         elif module.endswith("linear1") and module.startswith("single_blocks."):
             splits = (h, h, h, mlp)
         comp.add([f"lora_unet_{underscored(module)}", f"diffusion_model.{module}", module], Target(key, splits=splits))
-    for i in range(n_double):
-        for diff, (bfl, block) in DOUBLE.items():
-            add_diffusers(f"transformer_blocks.{i}.{diff}", f"double_blocks.{i}.{bfl}", block)
-        for xl, (bfl, block) in XLABS_DOUBLE.items():
-            key = param_key(prefix, f"double_blocks.{i}.{bfl}", shapes)
-            if key:
-                comp.add([f"double_blocks.{i}.{xl}"], Target(key, rows_of(block)))
+    for bfl_block, diff_block, count, table, xlabs in (("double_blocks", "transformer_blocks", n_double, DOUBLE, XLABS_DOUBLE),
+                                                       ("single_blocks", "single_transformer_blocks", n_single, SINGLE,
+                                                        XLABS_SINGLE)):
+        for i in range(count):
+            for diff, (bfl, block) in table.items():
+                add_diffusers(f"{diff_block}.{i}.{diff}", f"{bfl_block}.{i}.{bfl}", block)
+            for xl, (bfl, block) in xlabs.items():
+                key = param_key(prefix, f"{bfl_block}.{i}.{bfl}", shapes)
+                if key:
+                    comp.add([f"{bfl_block}.{i}.{xl}"], Target(key, rows_of(block)))
     for i in range(n_single):
-        for diff, (bfl, block) in SINGLE.items():
-            add_diffusers(f"single_transformer_blocks.{i}.{diff}", f"single_blocks.{i}.{bfl}", block)
-        for xl, (bfl, block) in XLABS_SINGLE.items():
-            key = param_key(prefix, f"single_blocks.{i}.{bfl}", shapes)
-            if key:
-                comp.add([f"single_blocks.{i}.{xl}"], Target(key, rows_of(block)))
         key = param_key(prefix, f"single_blocks.{i}.linear1", shapes)
         if key:  # the q/k/v part of linear1 as one module (USO and some trainers)
             comp.add([f"diffusion_model.single_blocks.{i}.linear1_qkv", f"lora_unet_single_blocks_{i}_linear1_qkv"],
