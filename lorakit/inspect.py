@@ -95,8 +95,6 @@ def _describe_lora(path: str, size: int) -> dict:
             alphas[adapter.alpha()] += 1
         comp = formats.component_of(module, lora.arch)
         part = next((v for p, v in TE_PREFIXES.items() if module.startswith(p)), "unet" if comp == "unet" else comp)
-        if lora.arch == "flux" and part == "te2":
-            part = "te3 (T5)"
         parts[part or "unknown"] += 1
         per_module[module] = algo
     return {

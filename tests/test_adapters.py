@@ -189,3 +189,31 @@ def test_boft_is_orthogonal_on_rows_and_identity_at_zero_strength() -> None:
     assert torch.allclose(out.norm(dim=0), w.norm(dim=0), rtol=1e-5)  # an orthogonal map of the rows
     assert not torch.allclose(out, w)
     assert torch.allclose(merged({"oft_blocks": blocks}, w, 0.0), w)
+
+
+def test_loha_and_lokr_on_conv_weights() -> None:
+    """LyCORIS stores conv factors flattened ([r, in*k*k]); the delta is reshaped to the kernel."""
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(8, 4, 3, 3, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    f = {"hada_w1_a": torch.randn(8, 2, generator=g), "hada_w1_b": torch.randn(2, 36, generator=g),
+         "hada_w2_a": torch.randn(8, 2, generator=g), "hada_w2_b": torch.randn(2, 36, generator=g)}
+    dw = ((f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])).reshape(8, 4, 3, 3)
+    _close(F.conv2d(x, merged(f, w), padding=1), F.conv2d(x, w, padding=1) + F.conv2d(x, dw, padding=1))
+    k = {"lokr_w1": torch.randn(2, 2, generator=g), "lokr_w2": torch.randn(4, 2, 3, 3, generator=g)}
+    dk = torch.kron(k["lokr_w1"][:, :, None, None], k["lokr_w2"])
+    _close(F.conv2d(x, merged(k, w), padding=1), F.conv2d(x, w, padding=1) + F.conv2d(x, dk, padding=1))
+
+
+def test_glora_bypass() -> None:
+    g = torch.Generator().manual_seed(8)
+    w, x = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g)
+    a1, a2, b1, b2 = (torch.randn(*s, generator=g) for s in ((5, 2), (2, 5), (6, 2), (2, 5)))
+    # y = W x + W (a1 (a2 x)) + b1 (b2 x), times alpha/rank = 1
+    y_bypass = x @ w.T + ((x @ a2.T) @ a1.T) @ w.T + (x @ b2.T) @ b1.T
+    _close(x @ merged({"a1": a1, "a2": a2, "b1": b1, "b2": b2}, w).T, y_bypass)
+
+
+def test_ia3_bypass() -> None:
+    g = torch.Generator().manual_seed(9)
+    w, x, v = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(6, generator=g)
+    _close(x @ merged({"ia3_weight": v}, w, 0.5).T, (x @ w.T) * (1 + 0.5 * v))

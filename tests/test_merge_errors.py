@@ -191,3 +191,23 @@ def test_kohya_split_qkv_uses_per_part_rank(tmp_path: Path, outdir: Path) -> Non
     diff = (a[key].float() - b[key].float()).abs().max()
     assert float(diff) <= float(a[key].float().abs().max()) * 2 ** -7  # same result within 1 bf16 ulp
     assert not torch.equal(a[key], load_file(str(base))[key])
+
+
+def test_flux_lora_for_another_hidden_size(tmp_path: Path, outdir: Path) -> None:
+    base = ZOO / "base/flux/flux1_tiny_dev_bfl.safetensors"
+    lora = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.zeros(4, 3072),
+            "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.zeros(3072, 4)}
+    save_file(lora, tmp_path / "big.safetensors", {"ss_base_model_version": "flux1"})
+    res = cli("merge", base, tmp_path / "big.safetensors", "-o", outdir / "o.safetensors")
+    assert_clean_failure(res, outdir, "shape mismatch", "another size", "double_blocks.0.img_attn.proj.weight")
+
+
+def test_fp8_saturation_is_counted(tmp_path: Path, outdir: Path) -> None:
+    base = ZOO / "base/flux/flux1_tiny_dev_fp8_e4m3fn.safetensors"
+    lora = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.full((1, 64), 30.0),
+            "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.full((64, 1), 30.0)}
+    save_file(lora, tmp_path / "huge.safetensors")
+    res = cli("merge", base, tmp_path / "huge.safetensors", "-o", outdir / "o.safetensors", "--rounding", "nearest")
+    assert res.exit_code == 0 and "saturated" in res.output
+    out = load_file(str(outdir / "o.safetensors"))["double_blocks.0.img_attn.proj.weight"].float()
+    assert float(out.max()) == 448.0
