@@ -1,9 +1,10 @@
 """Plan and stream a merge: BASE -> OUT, one base tensor in memory at a time.
 
 OUT keeps BASE's keys, shapes, dtypes, tensor order and data offsets; only the header
-(metadata + a ``lorakit`` provenance entry) changes size. Untouched byte ranges are copied
-file-to-file; touched tensors are read, patched in fp32, rounded once, and written in place.
-Everything goes to a temporary file beside OUT that is renamed only when complete.
+(metadata + a ``lorakit`` provenance entry) changes size. BASE is read as one sequential stream;
+untouched bytes pass through unchanged, touched tensors are patched in fp32, rounded once and
+written at their offsets. Everything goes to a temporary file beside OUT (same permissions a new
+file would get) that is fsynced and renamed only when complete.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .adapters.base import Adapter
 from .arch import detect
 from .errors import BackendUnavailable, OutputError
 from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
-from .adapters.base import Adapter
 from .ops import ROUND_CHUNK_ELEMENTS, is_fp8, lowrank_update_, round_into
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
@@ -311,6 +312,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
         metadata["lorakit"] = json.dumps(provenance, separators=(",", ":"))
         header = build_header([src.tensors[k] for k in src.order], metadata)
         fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=".lorakit-tmp", dir=out_p.parent)
+        os.fchmod(fd, _new_file_mode(base_p if in_place else None))
         bar = Progress(src.file_size - src.data_start, "merging", enabled=progress)
         saturated: dict[str, int] = {}
         try:
@@ -339,6 +341,15 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                    "device": str(dev), "fp8_tensors_changed": len(fp8_targets), "fp8_saturated": saturated,
                    "seconds": round(time.monotonic() - t0, 3)})
     return report
+
+
+def _new_file_mode(keep_from: Path | None) -> int:
+    """mkstemp makes 0600 files; OUT gets BASE's mode when replacing it, else 0666 minus umask."""
+    if keep_from is not None:
+        return os.stat(keep_from).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fp8_scales(src: SafetensorsFile, ops: dict[str, list[Op]]) -> dict[str, float]:

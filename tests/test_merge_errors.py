@@ -211,3 +211,11 @@ def test_fp8_saturation_is_counted(tmp_path: Path, outdir: Path) -> None:
     assert res.exit_code == 0 and "saturated" in res.output
     out = load_file(str(outdir / "o.safetensors"))["double_blocks.0.img_attn.proj.weight"].float()
     assert float(out.max()) == 448.0
+
+
+def test_out_gets_normal_permissions(outdir: Path) -> None:
+    assert cli("merge", SD15, KOHYA, "-o", outdir / "o.safetensors").exit_code == 0
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (outdir / "o.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
