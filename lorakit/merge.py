@@ -65,8 +65,9 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
 
 
 def _resolve_device(device: str) -> torch.device:
+    # auto stays on the CPU until the GPU path (kernel issue) is tested on a GPU; cuda is opt-in
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("--device cuda: no CUDA device is available to torch here; use --device cpu or auto")
     return torch.device(device)

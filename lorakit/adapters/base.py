@@ -89,7 +89,7 @@ class Adapter:
     def _apply_dora_(self, w: torch.Tensor, strength: float) -> None:
         # DoRA as trained (LyCORIS, PEFT, the paper): W' = m * (W + dW) / ||W + dW||, the norm
         # along the magnitude vector's axis; strength s blends W + s * (W' - W).
-        m = self.dora_scale.float()
+        m = self.dora_scale.float().to(w.device)
         wc = w + self.full_delta(w) * self.scale
         flat = wc.reshape(wc.shape[0], -1)
         if m.numel() == w.shape[0] and (m.dim() == 1 or m.shape[0] == w.shape[0]):

@@ -20,7 +20,7 @@ class Full(Adapter):
             super().apply_(w, strength)
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        return self.t["diff"].float().reshape(w.shape)
+        return self.t["diff"].float().to(w.device).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
         d = self.t.get("diff")
@@ -46,4 +46,4 @@ class Set(Adapter):
         return None
 
     def apply_(self, w: torch.Tensor, strength: float) -> None:
-        w.copy_(self.t["set"].float())
+        w.copy_(self.t["set"].float().to(w.device))
