@@ -219,3 +219,9 @@ def test_out_gets_normal_permissions(outdir: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert (outdir / "o.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message; this machine has a GPU")
+def test_device_cuda_without_gpu_fails_cleanly(outdir: Path) -> None:
+    res = cli("merge", SD15, KOHYA, "-o", outdir / "o.safetensors", "--device", "cuda")
+    assert_clean_failure(res, outdir, "--device cuda", "no CUDA device")
