@@ -164,24 +164,23 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
             notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
                          "scale alpha/rank per part")
         view = _view_shape(shapes[target.key], target)
-        reason = adapter.check(view)
-        bias_target = None
-        if reason is None and adapter.bias_delta() is not None:
+        reason = adapter.check(view) if adapter.changes_weight else None
+        bias_target, bias = None, adapter.bias_delta()
+        if reason is None and bias is not None:
             bkey = target.bias_key()
             if bkey is None or bkey not in shapes:
                 reason = f"carries a bias change but BASE has no bias for {target.key}"
             else:
                 bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
                 bview = _view_shape(shapes[bkey], bias_target)
-                if tuple(adapter.bias_delta().shape) != bview:
-                    reason = f"bias change {tuple(adapter.bias_delta().shape)} does not match {bkey} {bview}"
+                if tuple(bias.shape) != bview:
+                    reason = f"bias change {tuple(bias.shape)} does not match {bkey} {bview}"
         if reason is not None:
             unmatched.append({"module": module, "keys": keys, "reason": f"shape mismatch with {target.describe()} "
                               f"{tuple(shapes[target.key])}: {reason}"})
             continue
         if not allow_nonfinite:
-            bad = [k for r, k in roles.items() if r in tensors and tensors[r].is_floating_point()
-                   and not bool(torch.isfinite(tensors[r]).all())]
+            bad = [roles[r] for r, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
             if bad:
                 raise NonFiniteError(f"{lora.path}: NaN or inf in {', '.join(bad[:3])}"
                                      f"{' (+%d more)' % (len(bad) - 3) if len(bad) > 3 else ''}; "
@@ -195,7 +194,8 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
                         "component": comp.label, "target": target.describe(), "strength": strength,
                         "rank": adapter.rank, "alpha": adapter.alpha()})
         if strength != 0.0:
-            ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, module))
+            if adapter.changes_weight:
+                ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, module))
             if bias_target is not None:
                 ops.setdefault(bias_target.key, []).append(Op(bias_target, adapter, strength, "bias", index, module))
     for u in unmatched[:5]:
@@ -222,7 +222,7 @@ def unmatched_error(report: dict, base_name: str, spec: BaseSpec) -> UnmatchedKe
     keys = [k for e in u for k in e["keys"]]
     first = u[0]
     near = f"; nearest: {'; '.join(first['nearest'])}" if first.get("nearest") else ""
-    if all(e["reason"].startswith("shape mismatch") for e in u) and len(u) == len(report["matched"]) + len(u):
+    if not report["matched"] and all(e["reason"].startswith("shape mismatch") for e in u):
         near += "; every module has the wrong shape: the LoRA was made for a model of another size"
     msg = (f"{report['file']}: {len(keys)} key(s) address no tensor of BASE {base_name} ({spec.name}): "
            f"{', '.join(keys[:3])}{' (+%d more)' % (len(keys) - 3) if len(keys) > 3 else ''} "

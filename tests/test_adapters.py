@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorakit import formats
 from lorakit.adapters import select
 
 T = torch.tensor
@@ -169,7 +170,10 @@ def test_ia3_by_hand() -> None:
 
 
 def test_norm_deltas() -> None:
-    adapter, unused, _ = select({"w_norm": T([1.0, 2.0]), "b_norm": T([0.5, 0.5])}, None)
+    # LyCORIS norm modules' w_norm / b_norm are read as the full-delta roles diff / diff_b
+    roles = {formats.split_key(f"lora_unet_x.{n}", lambda m: True)[1]: v
+             for n, v in (("w_norm", T([1.0, 2.0])), ("b_norm", T([0.5, 0.5])))}
+    adapter, unused, _ = select(roles, None)
     w = T([1.0, 1.0])
     adapter.apply_(w, 2.0)
     assert torch.equal(w, T([3.0, 5.0])) and torch.equal(adapter.bias_delta(), T([0.5, 0.5])) and not unused

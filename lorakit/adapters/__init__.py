@@ -12,11 +12,10 @@ from .ia3 import IA3
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
-from .norm import Norm
 from .oft import OFT
 
 # Tried in order; when several match one module the last wins (ComfyUI's precedence).
-ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, BOFT, IA3, Norm, Full, Set]
+ADAPTERS: list[type[Adapter]] = [LoRA, LoHa, LoKr, GLoRA, OFT, BOFT, IA3, Full, Set]
 
 def select(roles: dict[str, torch.Tensor], default_alpha: float | None) -> tuple[Adapter | None, list[str], list[str]]:
     """(adapter, roles it leaves unused, notes) for one module's tensors."""

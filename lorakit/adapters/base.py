@@ -58,6 +58,11 @@ class Adapter:
     def bias_delta(self) -> torch.Tensor | None:
         return None
 
+    @property
+    def changes_weight(self) -> bool:
+        """False for modules that only carry a bias change (their weight need not be touched)."""
+        return True
+
     # -- shared --------------------------------------------------------------------------
     def alpha(self) -> float | None:
         a = self.t.get("alpha")

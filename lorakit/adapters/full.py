@@ -1,4 +1,5 @@
-"""Full-weight changes: LyCORIS ``diff`` / ``diff_b`` and replacements (``set_weight``, BFL norm scales)."""
+"""Full-weight changes: LyCORIS ``diff`` / ``diff_b`` (and norm modules' ``w_norm`` / ``b_norm``, which
+the suffix table reads as the same roles) and replacements (``set_weight``, BFL norm scales)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ class Full(Adapter):
     def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
         return "diff" in roles or "diff_b" in roles
 
-    def apply_(self, w: torch.Tensor, strength: float) -> None:
-        if "diff" in self.t:  # a diff_b-only module changes just the bias
-            super().apply_(w, strength)
+    @property
+    def changes_weight(self) -> bool:
+        return "diff" in self.t  # a diff_b-only module changes just the bias
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
         return self.t["diff"].float().to(w.device).reshape(w.shape)

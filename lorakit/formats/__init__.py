@@ -35,7 +35,8 @@ SUFFIX_ROLES: dict[str, str] = {
     ".oft_blocks": "oft_blocks", ".oft_diag": "oft_blocks", ".rescale": "rescale",
     ".a1.weight": "a1", ".a2.weight": "a2", ".b1.weight": "b1", ".b2.weight": "b2",
     ".on_input": "on_input", ".weight": "ia3_weight",
-    ".w_norm": "w_norm", ".b_norm": "b_norm",
+    # LyCORIS norm modules: full deltas of a norm layer's weight and bias, i.e. diff / diff_b
+    ".w_norm": "diff", ".b_norm": "diff_b",
 }
 _SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)
 
