@@ -11,6 +11,10 @@ MANIFESTS = Path(os.environ.get("LORAKIT_MANIFESTS", ROOT.parent / "shared" / "m
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if not torch.cuda.is_available():
+        # the Triton kernels run on CPU tensors through the interpreter (tests/test_kernels.py);
+        # it must be set before triton compiles anything
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

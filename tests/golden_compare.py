@@ -7,7 +7,8 @@ import math
 import torch
 
 # (mantissa bits, smallest normal exponent) per float dtype
-FLOAT_BITS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126)}
+FLOAT_BITS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126),
+              torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 

@@ -1,21 +1,39 @@
-"""The one primitive behind every merge path, and its rounding spec.
+"""The one primitive behind every merge and patch path, its torch reference, and backend choice.
 
-``lowrank_update_(W, up, down, scale, rows=..., rounding=..., seed=..., key=...)`` does
-``W[rows] += scale * (up @ down)`` in place with fp32 accumulation and rounds the result into
-W's dtype once. Backends are chosen from a table (device, dtype); this module holds the torch
-reference, which is the spec every other backend must match bit for bit.
+``update_many_(updates)`` does, for each update, ``W[rows] += sum_j scale_j * (up_j @ down_j)`` in
+place and rounds the result into W's dtype once; ``lowrank_update_`` is the one-update form.
+The arithmetic, identical on every backend:
+
+    v = W[rows] (widened to fp32, times the per-tensor scale of scaled fp8)
+    for each (up, down, scale):  t = up @ down  (fp32 accumulation);  v = v + fp32(t * fp32(scale))
+    W[rows] = round(v)           (see ops.rounding)
+
+The order of the k-sum inside ``up @ down`` is the one thing a backend chooses (BLAS, tensor
+cores): the products of 16-bit factors are exact in fp32, the sums are not, so two backends
+agree bit for bit wherever those sums are exact and otherwise differ only where a last-bit
+difference of ``t`` crosses a rounding boundary of W's dtype (at most 1 ulp; measured in tests).
+
+Backends are a table (``BACKENDS``): the Triton kernel on CUDA, the torch reference everywhere.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass, field
+
 import torch
 
-from .rounding import FP8, is_fp8, round_into
+from ..errors import BackendUnavailable
+from .rounding import FP8, is_fp8, round_into, salt
 
-__all__ = ["lowrank_update_", "round_into", "is_fp8", "FP8", "as_matrix"]
+__all__ = ["Segment", "Update", "update_many_", "lowrank_update_", "round_into", "is_fp8", "FP8", "as_matrix", "BACKENDS",
+           "choose_backend"]
 
-# rows per chunk when rounding large tensors, so fp8 temporaries stay small
+# rows per chunk of the reference, so fp32 temporaries stay small whatever the tensor size
 ROUND_CHUNK_ELEMENTS = 1 << 22
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+MIN_CAPABILITY = (8, 0)  # bf16 tensor-core dots; fp8 is decoded in registers, so no sm89 requirement
 
 
 def as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -23,12 +41,128 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _fp32_update_(w32: torch.Tensor, up: torch.Tensor, down: torch.Tensor, scale: float) -> None:
-    # one GEMM with beta = 1: no full-size delta temporary, one pass over W
-    m = as_matrix(w32)
-    m.addmm_(up.reshape(up.shape[0], -1).float(), down.reshape(down.shape[0], -1).float(), alpha=scale)
-    if m.untyped_storage().data_ptr() != w32.untyped_storage().data_ptr():  # reshape had to copy
-        w32.copy_(m.reshape(w32.shape))
+@dataclass
+class Segment:
+    """``W[rows] += scale * (up @ down)``: one LoRA on one weight (rows: a slice of a fused weight)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+    rows: tuple[int, int] | None = None
+
+
+@dataclass
+class Update:
+    """One weight's change: its segments apply in order to an fp32 copy, then one rounding."""
+
+    w: torch.Tensor
+    segments: list[Segment]
+    key: str = ""  # names the tensor for the stochastic-rounding counter
+    weight_scale: float | None = None
+    saturated: int = field(default=0, init=False)
+
+    def matrices(self) -> list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]:
+        rows = self.w.shape[0] if self.w.dim() else 1
+        return [(as_matrix(g.up), as_matrix(g.down), g.scale, g.rows or (0, rows)) for g in self.segments]
+
+
+def _reference(u: Update, rounding: str, seed: int) -> None:
+    view = as_matrix(u.w)
+    rows, cols = view.shape
+    segs = [(up.float(), down.float(), torch.tensor(s, dtype=torch.float32), r) for up, down, s, r in u.matrices()]
+    step = max(1, ROUND_CHUNK_ELEMENTS // max(cols, 1))
+    for c0 in range(0, rows, step):
+        c1 = min(rows, c0 + step)
+        part = view[c0:c1]
+        orig = part.float()
+        if u.weight_scale is not None:
+            orig = orig * u.weight_scale
+        v = orig.clone()
+        for up, down, s, (r0, r1) in segs:
+            lo, hi = max(r0, c0), min(r1, c1)
+            if lo < hi:
+                t = up[lo - r0:hi - r0].to(v.device) @ down.to(v.device)
+                v[lo - c0:hi - c0].add_(t.mul_(s.to(v.device)))
+        u.saturated += round_into(part, v, orig, rounding=rounding, seed=seed, key=u.key, index_offset=c0 * cols,
+                                  scale=u.weight_scale)
+
+
+def _triton(updates: list[Update], rounding: str, seed: int) -> None:
+    from .. import kernels
+
+    jobs = [kernels.Job(as_matrix(u.w), u.matrices(), salt=salt(seed, u.key), weight_scale=u.weight_scale)
+            for u in updates]
+    for u, n in zip(updates, kernels.grouped_update_(jobs, stochastic=rounding == "stochastic")):
+        u.saturated += n
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    run: object  # (updates, rounding, seed) -> None
+
+    def unavailable(self, w: torch.Tensor, explicit: bool = False) -> str | None:
+        """Why this backend cannot patch ``w`` (None: it can)."""
+        return _WHY[self.name](w, explicit)
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e}); pip install 'lorakit[triton]'"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _why_not_triton(w: torch.Tensor, explicit: bool) -> str | None:
+    if (err := _triton_import_error()) is not None:
+        return err
+    if w.dtype not in KERNEL_DTYPES:
+        return f"no kernel for {w.dtype}"
+    if w.device.type == "cpu" and explicit and _interpreting():
+        return None  # TRITON_INTERPRET=1 and asked for by name: the kernel runs on CPU tensors (tests)
+    if w.device.type != "cuda":
+        return f"the weight is on {w.device.type}, the kernel needs a CUDA tensor"
+    cap = torch.cuda.get_device_capability(w.device)
+    if cap < MIN_CAPABILITY:
+        return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+    return None
+
+
+_WHY = {"triton": _why_not_triton, "torch": lambda w, explicit: None}
+BACKENDS = [Backend("triton", _triton), Backend("torch", lambda us, r, s: [_reference(u, r, s) for u in us])]
+
+
+def choose_backend(w: torch.Tensor, backend: str = "auto") -> Backend:
+    """The first backend of the table that can patch ``w``; an explicit one that cannot raises."""
+    if backend == "auto":
+        return next(b for b in BACKENDS if b.unavailable(w) is None)
+    chosen = next((b for b in BACKENDS if b.name == backend), None)
+    if chosen is None:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose from auto, "
+                                 + ", ".join(b.name for b in BACKENDS))
+    if (why := chosen.unavailable(w, explicit=True)) is not None:
+        reasons = "; ".join(f"{b.name}: {b.unavailable(w) or 'available'}" for b in BACKENDS)
+        raise BackendUnavailable(f"backend {backend!r} cannot patch this {w.dtype} tensor on {w.device}: {why} "
+                                 f"({reasons})")
+    return chosen
+
+
+def update_many_(updates: list[Update], *, rounding: str = "nearest", seed: int = 0, backend: str = "auto") -> None:
+    """Apply every update in place (grouped into one kernel launch per dtype on CUDA)."""
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"unknown rounding mode {rounding!r}")
+    by_backend: dict[str, tuple[Backend, list[Update]]] = {}
+    for u in updates:
+        b = choose_backend(u.w, backend)
+        by_backend.setdefault(b.name, (b, []))[1].append(u)
+    for b, us in by_backend.values():
+        b.run(us, rounding, seed)
 
 
 def lowrank_update_(
@@ -42,22 +176,13 @@ def lowrank_update_(
     seed: int = 0,
     key: str = "",
     weight_scale: float | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``W[rows] += scale * (up @ down)`` in place; returns W.
 
-    fp32 accumulation; the fp32 result is rounded into W's dtype (see ``ops.rounding``).
-    ``weight_scale`` is the per-tensor scale of a scaled-fp8 W (effective weight W * s).
     Conv weights are treated as [out, in*kh*kw]; ``up``/``down`` may be 2-D or conv-shaped.
+    ``weight_scale`` is the per-tensor scale of a scaled-fp8 W (effective weight W * s).
     """
-    view = W if rows is None else W.narrow(0, rows[0], rows[1] - rows[0])
-    if W.dtype == torch.float32 and weight_scale is None:
-        _fp32_update_(view, up, down, scale)
-        return W
-    orig = view.float()
-    if weight_scale is not None:
-        orig = orig * weight_scale
-    new = orig.clone()
-    _fp32_update_(new, up, down, scale)
-    offset = 0 if rows is None else rows[0] * (W.numel() // max(W.shape[0], 1))
-    round_into(view, new, orig, rounding=rounding, seed=seed, key=key, index_offset=offset, scale=weight_scale)
+    update_many_([Update(W, [Segment(up, down, scale, rows)], key, weight_scale)], rounding=rounding, seed=seed,
+                 backend=backend)
     return W

@@ -9,7 +9,7 @@
   The test ``u * (hi - lo) < (x - lo)`` is done in exact arithmetic (u has 24 bits, hi - lo is
   a power of two, x - lo is exact by Sterbenz), so no division rounding can differ either.
 
-Elements whose fp32 value did not change keep their original bits (ComfyUI instead re-rounds
+fp8 elements whose fp32 value did not change keep their original bits (ComfyUI instead re-rounds
 the whole tensor, moving about 0.1 % of untouched fp8 values).
 """
 
@@ -40,12 +40,21 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def mix32_int(x: int) -> int:
+    """``_mix32`` on one Python int (the per-tensor salt the kernel receives)."""
+    return int(_mix32(torch.tensor([x & MASK32], dtype=torch.int64))[0])
+
+
+def salt(seed: int, key: str) -> int:
+    return mix32_int((seed & MASK32) ^ key_hash(key))
+
+
 def uniform24(seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
     """24-bit integers in [0, 2**24) from (seed, key, element index); int64 tensor."""
-    salt = int(_mix32(torch.tensor([(seed & MASK32) ^ key_hash(key)], dtype=torch.int64))[0])
+    salt_ = salt(seed, key)
     lo = index & MASK32
     hi = (index >> 32) & MASK32
-    h = _mix32(lo ^ salt)
+    h = _mix32(lo ^ salt_)
     h = _mix32(h ^ ((hi + 0x9E3779B9) & MASK32))
     return h >> 8
 
@@ -90,15 +99,16 @@ def round_into(
     ``dst``'s first element inside the whole tensor (for the stochastic counter).
     Returns how many elements saturated at the fp8 limit.
     """
+    if not is_fp8(dst.dtype):  # plain RTNE of every element (scaled weights are fp8 only)
+        dst.copy_(value)
+        return 0
     changed = value != original
     target = value / scale if scale is not None else value
-    if not is_fp8(dst.dtype):
-        dst.copy_(torch.where(changed, target.to(dst.dtype), dst))
-        return 0
     m = FP8[dst.dtype]
     saturated = int(((target.abs() > m) & changed).sum())
     if rounding == "stochastic":
-        index = torch.arange(index_offset, index_offset + dst.numel(), dtype=torch.int64).reshape(dst.shape)
+        index = torch.arange(index_offset, index_offset + dst.numel(), dtype=torch.int64, device=dst.device)
+        index = index.reshape(dst.shape)
         new = _stochastic_fp8(target, dst.dtype, seed, key, index)
     elif rounding == "nearest":
         new = _nearest_fp8(target, dst.dtype)

@@ -1,0 +1,125 @@
+"""The Triton kernel against the torch reference (lorakit.ops), on CPU under TRITON_INTERPRET=1.
+
+conftest.py turns the interpreter on when no GPU is visible; tests/test_kernels_cuda.py repeats the
+claims on a GPU, where bf16 factors and full-size shapes are covered too.
+
+Exactness: with factors on a coarse grid every partial sum of ``up @ down`` is exact in fp32, so
+any summation order gives the same ``t`` and the results must agree bit for bit (dtype handling,
+scales, row slices, rounding, the stochastic counter, saturation counts). With random factors the
+k-sum order differs between backends: both must be within 0.5 ulp of the stored dtype plus the fp32
+accumulation bound of a float64 reference, and 16-bit / fp8 results may differ from each other in
+at most 0.1 % of elements.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install 'lorakit[test]')")
+
+from lorakit.errors import BackendUnavailable  # noqa: E402
+from lorakit.ops import Segment, Update, choose_backend, update_many_  # noqa: E402
+from tests.golden_compare import ulp  # noqa: E402
+
+W_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def grid(g: torch.Generator, *shape: int, dtype=torch.float16, q: int = 64) -> torch.Tensor:
+    return (torch.randint(-32, 33, shape, generator=g).float() / q).to(dtype)
+
+
+def model(g: torch.Generator, wdtype: torch.dtype, fdtype: torch.dtype, factors=grid) -> list[Update]:
+    """Three weights of a small model: a linear with two LoRAs, a fused qkv with one LoRA per
+    row slice plus one on the whole, a 3x3 conv (4-D); scaled fp8 on the linear."""
+    lin = (torch.randn(70, 150, generator=g) * 0.3).to(wdtype)
+    qkv = (torch.randn(96, 40, generator=g) * 0.3).to(wdtype)
+    conv = (torch.randn(24, 8, 3, 3, generator=g) * 0.3).to(wdtype)
+    f = lambda *s: factors(g, *s, dtype=fdtype)  # noqa: E731
+    return [
+        Update(lin, [Segment(f(70, 8), f(8, 150), 0.37), Segment(f(70, 20), f(20, 150), -1.3)], key="lin",
+               weight_scale=0.75 if wdtype in FP8 else None),
+        Update(qkv, [Segment(f(32, 4), f(4, 40), 1.0, (0, 32)), Segment(f(32, 4), f(4, 40), 0.5, (64, 96)),
+                     Segment(f(96, 16), f(16, 40), 0.25)], key="qkv"),
+        Update(conv, [Segment(f(24, 4, 1, 1), f(4, 8, 3, 3), 2.0)], key="conv"),
+    ]
+
+
+def run(updates: list[Update], backend: str, rounding: str, seed: int = 3) -> list[Update]:
+    copies = [Update(u.w.clone(), u.segments, u.key, u.weight_scale) for u in updates]
+    update_many_(copies, rounding=rounding, seed=seed, backend=backend)
+    return copies
+
+
+@pytest.mark.parametrize("wdtype", W_DTYPES, ids=str)
+@pytest.mark.parametrize("fdtype", [torch.float16, torch.float32], ids=str)
+def test_bit_exact_on_exact_sums(wdtype: torch.dtype, fdtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    updates = model(g, wdtype, fdtype)
+    for rounding in ("nearest", "stochastic") if wdtype in FP8 else ("nearest",):
+        ref, ker = run(updates, "torch", rounding), run(updates, "triton", rounding)
+        for u, r, k in zip(updates, ref, ker):
+            assert not torch.equal(bits(r.w), bits(u.w)), "the update must change the weight"
+            assert torch.equal(bits(k.w), bits(r.w)), f"{u.key} {rounding}: kernel differs from the reference"
+            assert k.saturated == r.saturated
+
+
+@pytest.mark.parametrize("wdtype", FP8, ids=str)
+def test_fp8_saturation_counts_and_subnormals(wdtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(64, 64, generator=g) * 0.004).to(wdtype)  # mostly fp8 subnormals
+    up, down = grid(g, 64, 4), grid(g, 4, 64)
+    huge = Update(w, [Segment(up, down, 4e4 if wdtype == torch.float8_e4m3fn else 4e6)], key="w")
+    tiny = Update(w, [Segment(up, down, 1e-3)], key="w")
+    for rounding in ("nearest", "stochastic"):
+        ref, ker = run([huge, tiny], "torch", rounding), run([huge, tiny], "triton", rounding)
+        assert ref[0].saturated > 0 and ker[0].saturated == ref[0].saturated
+        for r, k in zip(ref, ker):
+            assert torch.equal(bits(k.w), bits(r.w))
+
+
+def float64_reference(u: Update) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact result (float64) and the magnitude |W| + sum |s| |up| @ |down| that bounds
+    the fp32 accumulation error."""
+    w = u.w.double().reshape(u.w.shape[0], -1) * (u.weight_scale or 1.0)
+    exact, mag = w.clone(), w.abs()
+    for up, down, s, (r0, r1) in u.matrices():
+        exact[r0:r1] += s * (up.double() @ down.double())
+        mag[r0:r1] += abs(s) * (up.double().abs() @ down.double().abs())
+    return exact, mag
+
+
+@pytest.mark.parametrize("wdtype", W_DTYPES, ids=str)
+def test_random_factors_against_float64(wdtype: torch.dtype) -> None:
+    """Both backends: |result - exact| <= 0.5 ulp of the stored dtype + (rank + 3) * 2**-24 * magnitude;
+    and they differ from each other in at most 0.1 % of 16-bit / fp8 elements."""
+    g = torch.Generator().manual_seed(4)
+    normal = lambda g, *s, dtype: (torch.randn(s, generator=g) * 0.05).to(dtype)  # noqa: E731
+    updates = model(g, wdtype, torch.float16, normal)
+    ref, ker = run(updates, "torch", "nearest"), run(updates, "triton", "nearest")
+    for u, r, k in zip(updates, ref, ker):
+        exact, mag = float64_reference(u)
+        ws = u.weight_scale or 1.0
+        rank = sum(g.up.shape[1] for g in u.segments)
+        bound = 0.5 * ulp(exact / ws, wdtype) * ws + (rank + 3) * 2.0 ** -24 * mag
+        for out in (r, k):
+            got = out.w.double().reshape(exact.shape) * ws
+            assert bool(((got - exact).abs() <= bound).all()), f"{u.key}: outside 0.5 ulp + accumulation bound"
+        if wdtype != torch.float32:
+            assert float((bits(r.w) != bits(k.w)).double().mean()) <= 1e-3
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = torch.zeros(4, 4, dtype=torch.float16)
+    assert choose_backend(w).name == "torch", "auto never picks the interpreter"
+    assert choose_backend(w, "triton").name == "triton"  # interpreter on, asked for by name
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailable, match=r"triton.*CUDA tensor.*torch: available"):
+        choose_backend(w, "triton")
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        choose_backend(w, "cuda-magic")
