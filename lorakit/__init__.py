@@ -9,10 +9,11 @@ from .errors import (  # noqa: E402
 from .lora import LoraFile, load_lora  # noqa: E402
 from .merge import merge_file, plan  # noqa: E402
 from .ops import lowrank_update_  # noqa: E402
+from .patch import PatchHandle, patch  # noqa: E402
 from .plan import LoraSpec, parse_lora_arg  # noqa: E402
 
 __all__ = [
-    "__version__", "load_lora", "LoraFile", "plan", "merge_file", "lowrank_update_", "LoraSpec", "parse_lora_arg",
+    "__version__", "load_lora", "LoraFile", "plan", "merge_file", "lowrank_update_", "patch", "PatchHandle", "LoraSpec", "parse_lora_arg",
     "LorakitError", "FileFormatError", "ArchitectureMismatch", "UnmatchedKeysError", "NonFiniteError",
     "OutputError", "BackendUnavailable",
 ]

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapters.base import Adapter
 from .arch import detect
 from .errors import BackendUnavailable, OutputError
 from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
-from .ops import ROUND_CHUNK_ELEMENTS, is_fp8, lowrank_update_, round_into
+from .engine import lowrank_segments, patch_generic_, updates, whole
+from .ops import is_fp8, lowrank_update_, update_many_
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
@@ -88,26 +88,6 @@ def _check_output(base: Path, out: Path, *, force: bool, in_place: bool) -> None
         raise OutputError(f"{out}: folder {folder} is not writable")
 
 
-def _apply_ops(w32: torch.Tensor, ops: list[Op]) -> None:
-    for op in ops:
-        t = op.target
-        view = w32 if t.rows is None else w32.narrow(0, t.rows[0], t.rows[1] - t.rows[0])
-        if t.transform == "transpose":
-            view = view.t()
-        work = view
-        if t.transform == "swap_halves":  # apply to the re-laid-out rows, then lay them back
-            half = view.shape[0] // 2
-            work = torch.cat([view[half:], view[:half]])
-        if op.part == "weight":
-            op.adapter.apply_(work, op.strength)
-        else:
-            work.add_(op.adapter.bias_delta().to(work.device).reshape(work.shape), alpha=op.strength)
-        if work is not view:
-            half = view.shape[0] // 2
-            view[:half] = work[half:]
-            view[half:] = work[:half]
-
-
 class _Writer:
     """Sequential writes into the temporary OUT, at the same data offsets as in BASE."""
 
@@ -157,20 +137,6 @@ def _segments(src: SafetensorsFile, ops: dict[str, list[Op]]) -> list[tuple[int,
     return out
 
 
-def _lowrank_factors(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.Tensor, float]] | None:
-    """(row start, row stop, up, down, scale) for each op when all are plain low-rank weight updates."""
-    out = []
-    for op in ops:
-        a = op.adapter
-        lr = a.lowrank() if op.part == "weight" and op.target.transform is None and a.dora_scale is None else None
-        if lr is None or type(a).apply_ is not Adapter.apply_:
-            return None
-        rows = op.target.rows or (0, lr[0].shape[0])
-        out.append((rows[0], rows[1], lr[0].reshape(lr[0].shape[0], -1), lr[1].reshape(lr[1].shape[0], -1),
-                    op.strength * a.scale))
-    return out
-
-
 def _patch_blocked(stored: torch.Tensor, factors: list, work: torch.Tensor) -> None:
     """Cache-blocked form of the same math: a band of rows at a time is widened to fp32 (in
     ``work``), gets every update of the band through the primitive, and is rounded back. Rows are
@@ -190,37 +156,24 @@ def _patch_blocked(stored: torch.Tensor, factors: list, work: torch.Tensor) -> N
 
 def _patch_tensor(stored: torch.Tensor, key: str, ops: list[Op], scale: float | None, *, device: torch.device,
                   rounding: str, seed: int, work: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Patch one stored tensor: fp32 copy, every op in order, one rounding back into ``stored``.
-
-    ``work`` is a reusable fp32 buffer (CPU), so large tensors do not fault in fresh memory.
-    The result is written into ``stored`` itself, which is returned.
-    """
+    """Patch one stored tensor in place (every op in order, one rounding); returns it and the
+    number of fp8 elements that saturated. ``work`` is a reusable fp32 buffer for the CPU path,
+    so large tensors do not fault in fresh memory."""
     if work is not None and device.type == "cpu" and scale is None and not is_fp8(stored.dtype):
-        factors = _lowrank_factors(ops)
+        factors = lowrank_segments(ops)
         if factors is not None:
             _patch_blocked(stored, factors, work)
             return stored, 0
-    if work is not None and device.type == "cpu" and work.numel() >= stored.numel():
-        w32 = work[: stored.numel()].view(stored.shape).copy_(stored)
+    target = stored if device.type == "cpu" else stored.to(device)
+    parts = whole(key, target)
+    ups = updates(parts, ops, scale)
+    if ups is not None:  # plain low-rank: the primitive (the Triton kernel on CUDA)
+        update_many_(ups, rounding=rounding, seed=seed)
+        saturated = sum(u.saturated for u in ups)
     else:
-        w32 = stored.to(device).float()
-    if scale is not None:
-        w32.mul_(scale)
-    fp8 = is_fp8(stored.dtype)
-    orig = w32.clone() if fp8 else None
-    _apply_ops(w32, ops)
-    if not fp8:
-        stored.copy_(w32)
-        return stored, 0
-    rows = stored.shape[0] if stored.dim() else 1
-    o2, w2, r2 = stored.view(rows, -1), w32.reshape(rows, -1), orig.reshape(rows, -1)
-    per_row = o2.shape[1]
-    step = max(1, ROUND_CHUNK_ELEMENTS // max(per_row, 1))
-    saturated = 0
-    for r0 in range(0, rows, step):
-        sl = slice(r0, r0 + step)
-        saturated += round_into(o2[sl], w2[sl].cpu(), r2[sl].cpu(), rounding=rounding, seed=seed, key=key,
-                                index_offset=r0 * per_row, scale=scale)
+        saturated = patch_generic_(parts, ops, weight_scale=scale, rounding=rounding, seed=seed, device=device)
+    if target is not stored:
+        stored.copy_(target)
     return stored, saturated
 
 

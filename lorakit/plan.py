@@ -46,6 +46,7 @@ class Op:
     part: str
     lora_index: int
     module: str
+    strength_kind: str = "model"  # which strength drives it: "model" or "clip"
 
 
 @dataclass
@@ -125,8 +126,10 @@ def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> None:
 
 
 def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: dict[str, tuple[int, ...]],
-              *, model_only: bool, allow_nonfinite: bool, ops: dict[str, list[Op]]) -> dict:
-    """Map one LoRA onto the base; append its ops; return its report entry."""
+              *, model_only: bool, allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False) -> dict:
+    """Map one LoRA onto the base; append its ops; return its report entry.
+
+    Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
     groups: dict[str, dict[str, str]] = {}
     unmatched: list[dict] = []
     for key in lora.tensors:
@@ -193,11 +196,13 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
         matched.append({"module": module, "keys": sorted(used), "algorithm": adapter.algo_name,
                         "component": comp.label, "target": target.describe(), "strength": strength,
                         "rank": adapter.rank, "alpha": adapter.alpha()})
-        if strength != 0.0:
+        if strength != 0.0 or keep_zero:
+            kind = comp.strength_kind
             if adapter.changes_weight:
-                ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, module))
+                ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, module, kind))
             if bias_target is not None:
-                ops.setdefault(bias_target.key, []).append(Op(bias_target, adapter, strength, "bias", index, module))
+                ops.setdefault(bias_target.key, []).append(Op(bias_target, adapter, strength, "bias", index, module,
+                                                              kind))
     for u in unmatched[:5]:
         u["nearest"] = _nearest(spec, u["module"])
     n_matched = sum(len(m["keys"]) for m in matched)

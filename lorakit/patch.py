@@ -1,0 +1,227 @@
+"""Patch LoRAs into a live model (state dict or nn.Module) in place, with exact restore and hot swap.
+
+    handle = lorakit.patch(unet, ["style.safetensors:0.8"])   # single-file or diffusers names
+    handle.set_strengths([0.5])                               # restore + re-patch, nothing reallocated
+    handle.restore()                                          # the original bits, from the backup
+
+The backup holds the touched tensors only (policy "gpu": a copy beside the weights, fastest
+restore; "cpu": pinned host memory; "none": no copy, so no restore). Restoring copies bits back,
+never subtracts a delta, so any number of patch / restore / re-patch cycles never drift.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .arch import detect
+from .arch.diffusers import Layout, layout
+from .engine import Part, patch_generic_, updates, whole
+from .errors import ArchitectureMismatch, LorakitError
+from .lora import load_lora
+from .ops import is_fp8, update_many_
+from .plan import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
+
+BACKUP_POLICIES = ("auto", "gpu", "cpu", "none")
+SCALE_SUFFIX = "scale_weight"  # ComfyUI scaled fp8: <layer>.scale_weight beside <layer>.weight
+GPU_BACKUP_HEADROOM = 1 << 30  # "auto" keeps at least this much GPU memory free after the backup
+
+
+def _state_dict(target: object) -> dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        return {k: v.data if isinstance(v, torch.nn.Parameter) else v
+                for k, v in target.state_dict(keep_vars=True).items()}
+    if isinstance(target, dict) and all(isinstance(v, torch.Tensor) for v in target.values()):
+        return target
+    raise TypeError("patch() takes an nn.Module or a dict of tensors (a state dict)")
+
+
+def _as_spec(item: object) -> LoraSpec:
+    if isinstance(item, LoraSpec):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return parse_lora_arg(os.fspath(item)) if isinstance(item, str) else LoraSpec(os.fspath(item))
+    raise TypeError(f"a LoRA is a path, 'path:model[:clip]' or a LoraSpec, not {type(item).__name__}")
+
+
+def _views(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, ...]], Layout | None]:
+    """Logical (single-file) shapes, and the diffusers layout behind them if it is one."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    try:
+        detect(shapes, "the patch target")
+        return shapes, None
+    except ArchitectureMismatch:
+        lay = layout(shapes)
+        if lay is None:
+            raise
+        return lay.shapes, lay
+
+
+@dataclass
+class _Target:
+    """One logical tensor with its ops: where its rows live and how it is stored."""
+
+    key: str
+    parts: list[Part]
+    ops: list[Op]
+    weight_scale: float | None
+
+
+class PatchHandle:
+    """The patched state of one model; see the module docstring."""
+
+    def __init__(self, the_plan: Plan, targets: list[_Target], specs: list[LoraSpec],
+                 *, backup: str, rounding: str, seed: int, backend: str) -> None:
+        self.plan, self.specs = the_plan, list(specs)
+        self.rounding, self.seed, self.backend = rounding, seed, backend
+        self._targets = targets
+        self._touched = {p.key: p.tensor for t in targets for p in t.parts}
+        self.backup_policy = _resolve_backup(backup, self._touched)
+        self._backup = _make_backup(self._touched, self.backup_policy)
+        self.patched = False
+        self.saturated: dict[str, int] = {}
+
+    # -- public -------------------------------------------------------------------------------
+    @property
+    def touched(self) -> list[str]:
+        """Keys of the real tensors this handle changes."""
+        return sorted(self._touched)
+
+    def report(self) -> dict:
+        r = self.plan.report()
+        r.update({"tensors_changed": len(self._touched), "backup": self.backup_policy, "rounding": self.rounding,
+                  "seed": self.seed, "fp8_saturated": dict(self.saturated)})
+        return r
+
+    def set_strengths(self, strengths: list[float | tuple[float, float]]) -> None:
+        """New (model[, clip]) strengths, one entry per LoRA: restore, then patch again."""
+        if len(strengths) != len(self.specs):
+            raise ValueError(f"{len(strengths)} strengths for {len(self.specs)} LoRAs")
+        self._need_backup("set_strengths")
+        for i, s in enumerate(strengths):
+            model, clip = (s, None) if isinstance(s, (int, float)) else s
+            self.specs[i] = LoraSpec(self.specs[i].path, float(model), None if clip is None else float(clip))
+        for t in self._targets:
+            for op in t.ops:
+                ls = self.specs[op.lora_index]
+                op.strength = ls.model_strength if op.strength_kind == "model" else ls.clip
+        self.restore()
+        self.apply()
+
+    def restore(self) -> None:
+        """Put the original bits back (no-op when not patched)."""
+        if not self.patched:
+            return
+        self._need_backup("restore")
+        for key, t in self._touched.items():
+            t.copy_(self._backup[key])
+        self.patched = False
+
+    def apply(self) -> None:
+        """Patch with the current strengths (done by ``patch()``; again after ``restore()``)."""
+        if self.patched:
+            return
+        self.saturated.clear()
+        batch = []
+        with torch.no_grad():
+            for t in self._targets:
+                ups = updates(t.parts, t.ops, t.weight_scale)
+                if ups is not None:
+                    batch += ups
+                    continue
+                n = patch_generic_(t.parts, t.ops, weight_scale=t.weight_scale, rounding=self.rounding,
+                                   seed=self.seed, device=t.parts[0].tensor.device)
+                if n:
+                    self.saturated[t.key] = n
+            update_many_(batch, rounding=self.rounding, seed=self.seed, backend=self.backend)
+        for u in batch:
+            if u.saturated:
+                self.saturated[u.key] = self.saturated.get(u.key, 0) + u.saturated
+        self.patched = True
+
+    def close(self) -> None:
+        """Restore (when a backup exists) and free the backup."""
+        if self._backup is not None:
+            self.restore()
+        self._backup = None
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _need_backup(self, what: str) -> None:
+        if self._backup is None:
+            raise LorakitError(f"{what}() needs the backup of the original weights, but this handle has none "
+                               f"(backup={self.backup_policy!r} or already closed)")
+
+
+def _resolve_backup(policy: str, touched: dict[str, torch.Tensor]) -> str:
+    if policy not in BACKUP_POLICIES:
+        raise ValueError(f"backup must be one of {', '.join(BACKUP_POLICIES)}, not {policy!r}")
+    if policy != "auto":
+        return policy
+    cuda = [t for t in touched.values() if t.is_cuda]
+    if not cuda:
+        return "gpu"  # on the CPU, "gpu" means: a copy beside the weights
+    need = sum(t.numel() * t.element_size() for t in cuda)
+    free, _ = torch.cuda.mem_get_info(cuda[0].device)
+    return "gpu" if free - need >= GPU_BACKUP_HEADROOM else "cpu"
+
+
+def _make_backup(touched: dict[str, torch.Tensor], policy: str) -> dict[str, torch.Tensor] | None:
+    if policy == "none":
+        return None
+    if policy == "gpu":
+        return {k: t.clone() for k, t in touched.items()}
+    pin = torch.cuda.is_available()
+    return {k: t.to("cpu", copy=True).pin_memory() if pin else t.to("cpu", copy=True) for k, t in touched.items()}
+
+
+def _weight_scale(tensors: dict[str, torch.Tensor], key: str) -> float | None:
+    if not key.endswith(".weight") or not is_fp8(tensors[key].dtype):
+        return None
+    s = tensors.get(key[: -len("weight")] + SCALE_SUFFIX)
+    return None if s is None else float(s.float().reshape(-1)[0])
+
+
+def patch(target: object, loras: list[object], *, model_only: bool = False, backup: str = "auto",
+          rounding: str | None = None, seed: int = 0, backend: str = "auto", allow_unmatched: bool = False,
+          allow_nonfinite: bool = False) -> PatchHandle:
+    """Patch ``loras`` (paths, ``"path:model[:clip]"`` strings or LoraSpec) into ``target`` in place.
+
+    ``target`` is an ``nn.Module`` or a state dict with single-file names (ComfyUI / A1111 / Forge)
+    or diffusers names (UNet2DConditionModel, FluxTransformer2DModel). Strict like ``merge``: keys
+    that address nothing raise ``UnmatchedKeysError`` before anything is touched.
+    Rounding defaults to stochastic for fp8 weights, nearest otherwise.
+    """
+    tensors = _state_dict(target)
+    shapes, lay = _views(tensors)
+    spec = detect(shapes, "the patch target")
+    specs = [_as_spec(x) for x in loras]
+    the_plan = Plan("<in memory>", spec, [])
+    for i, ls in enumerate(specs):
+        lora = load_lora(ls.path)
+        check_compatible(lora, spec, "the patch target")
+        entry = plan_lora(lora, ls, i, spec, shapes, model_only=model_only, allow_nonfinite=allow_nonfinite,
+                          ops=the_plan.ops, keep_zero=True)
+        if entry["unmatched"] and not allow_unmatched:
+            raise unmatched_error(entry, "the patch target", spec)
+        the_plan.loras.append(entry)
+    targets = []
+    for key, ops in the_plan.ops.items():
+        if lay is None:
+            parts = whole(key, tensors[key])
+            ws = _weight_scale(tensors, key)
+        else:
+            parts = [Part(b.key, tensors[b.key], b.rows, b.offset) for b in lay.blocks[key]]
+            ws = None
+        targets.append(_Target(key, parts, ops, ws))
+    fp8 = any(is_fp8(p.tensor.dtype) for t in targets for p in t.parts)
+    mode = rounding or ("stochastic" if fp8 else "nearest")
+    handle = PatchHandle(the_plan, targets, specs, backup=backup, rounding=mode, seed=seed, backend=backend)
+    handle.apply()
+    return handle
