@@ -35,6 +35,7 @@ class Job:
     segments: list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]
     salt: int = 0  # mix32(seed ^ crc32(key)) for stochastic rounding
     weight_scale: float | None = None
+    source: torch.Tensor | None = None  # read the original from here instead of w (re-patch from a backup)
 
 
 def _factor_dtype(jobs: list[Job]) -> torch.dtype:
@@ -48,6 +49,10 @@ def _check(job: Job) -> None:
         raise ValueError(f"kernel jobs need a contiguous 2-D weight view, got shape {tuple(w.shape)}")
     if w.dtype not in W_KINDS:
         raise ValueError(f"no kernel for weight dtype {w.dtype}")
+    src = job.source
+    if src is not None and (src.shape != w.shape or src.dtype != w.dtype or src.device != w.device
+                            or not src.is_contiguous()):
+        raise ValueError("the source of a job must be a contiguous tensor like its weight, on the same device")
     for up, down, _, (r0, r1) in job.segments:
         if not (0 <= r0 <= r1 <= w.shape[0]) or up.shape[0] != r1 - r0 or down.shape[1] != w.shape[1] \
                 or up.shape[1] != down.shape[0]:
@@ -55,60 +60,93 @@ def _check(job: Job) -> None:
                              f"{tuple(w.shape)}")
 
 
-def _block_k(jobs: list[Job]) -> int:
-    rank = max(up.shape[1] for j in jobs for up, _, _, _ in j.segments)
-    return max(16, min(64, triton.next_power_of_2(rank)))
+class _Group:
+    """The tables and launch arguments of one (W dtype, scaled) group: built once, launched any
+    number of times (a strength change only rewrites the scale table)."""
+
+    def __init__(self, jobs: list[Job], stochastic: bool, block: tuple[int, int]) -> None:
+        device = jobs[0].w.device
+        fdtype = _factor_dtype(jobs)
+        bm, bn = block
+        layers, segs, seg_scales, layer_scales, tiles = [], [], [], [], []
+        self.factors = []  # the cast factors must live as long as the tables point at them
+        for li, job in enumerate(jobs):
+            rows, cols = job.w.shape
+            first = len(segs)
+            for up, down, scale, (r0, r1) in job.segments:
+                u = up.to(device=device, dtype=fdtype).contiguous()
+                d = down.to(device=device, dtype=fdtype).contiguous()
+                self.factors += [u, d]
+                segs.append([u.data_ptr(), d.data_ptr(), up.shape[1], r0, r1])
+                seg_scales.append(scale)
+            src = job.w if job.source is None else job.source
+            layers.append([job.w.data_ptr(), src.data_ptr(), rows, cols, first, len(segs), job.salt])
+            layer_scales.append(job.weight_scale or 1.0)
+            tiles.append(_tiles(li, job, bm, bn))
+        self.tiles = torch.cat(tiles).to(device=device, dtype=torch.int32).contiguous()
+        self.layers = torch.tensor(layers, dtype=torch.int64, device=device).reshape(-1, LAYER_COLS)
+        self.segs = torch.tensor(segs, dtype=torch.int64, device=device).reshape(-1, SEG_COLS)
+        # scales are rounded to fp32 here exactly as the reference rounds them
+        self.seg_scales = torch.tensor(seg_scales, dtype=torch.float32, device=device)
+        self.layer_scales = torch.tensor(layer_scales, dtype=torch.float32, device=device)
+        self.saturated = torch.zeros(len(jobs), dtype=torch.int32, device=device)
+        rank = max([up.shape[1] for j in jobs for up, _, _, _ in j.segments] + [1])
+        self.args = dict(W_KIND=W_KINDS[jobs[0].w.dtype], F_DTYPE=F_DTYPES[fdtype],
+                         HAS_WSCALE=jobs[0].weight_scale is not None, STOCHASTIC=stochastic,
+                         PRECISION=PRECISION[fdtype], BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_K=max(16, min(64, triton.next_power_of_2(rank))),
+                         num_warps=8 if bm * bn >= 8192 else 4, enable_fp_fusion=False)
+
+    def launch(self) -> None:
+        self.saturated.zero_()
+        grouped_lowrank_kernel[(self.tiles.shape[0],)](self.tiles, self.layers, self.layer_scales, self.segs,
+                                                      self.seg_scales, self.saturated, **self.args)
+
+
+def _tiles(layer: int, job: Job, bm: int, bn: int) -> torch.Tensor:
+    """(layer, tile row, tile column) rows for one job: every tile when re-patching from a source
+    (it copies the untouched rows too), else only the tile rows some segment touches."""
+    rows, cols = job.w.shape
+    need = torch.zeros(math.ceil(rows / bm), dtype=torch.bool)
+    if job.source is not None:
+        need[:] = True
+    for _, _, _, (r0, r1) in job.segments:
+        if r0 < r1:
+            need[r0 // bm:(r1 - 1) // bm + 1] = True
+    grid = torch.cartesian_prod(need.nonzero().reshape(-1), torch.arange(math.ceil(cols / bn))).reshape(-1, 2)
+    return torch.cat([torch.full((grid.shape[0], 1), layer), grid], 1)
+
+
+class GroupedLaunch:
+    """Every job in one launch per (W dtype, scaled) group; reusable (``run`` again, ``set_scales``)."""
+
+    def __init__(self, jobs: list[Job], *, stochastic: bool, block: tuple[int, int] | None = None) -> None:
+        by_group: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            _check(job)
+            if job.segments and job.w.numel():
+                by_group.setdefault((job.w.dtype, job.weight_scale is not None), []).append(i)
+        self.n = len(jobs)
+        self.groups = [(idx, _Group([jobs[i] for i in idx], stochastic, block or (BLOCK_M, BLOCK_N)))
+                       for idx in by_group.values()]
+
+    def run(self) -> list[int]:
+        """Launch; returns the fp8 saturation count per job (0 for other dtypes)."""
+        for _, g in self.groups:
+            g.launch()
+        out = [0] * self.n
+        for idx, g in self.groups:
+            for i, c in zip(idx, g.saturated.tolist()):
+                out[i] = int(c)
+        return out
+
+    def set_scales(self, scales: list[list[float]]) -> None:
+        """New per-segment scales (one list per job, in segment order) for the next ``run``."""
+        for idx, g in self.groups:
+            flat = [s for i in idx for s in scales[i]]
+            g.seg_scales.copy_(torch.tensor(flat, dtype=torch.float32))
 
 
 def grouped_update_(jobs: list[Job], *, stochastic: bool, block: tuple[int, int] | None = None) -> list[int]:
-    """Patch every job in place; returns the fp8 saturation count per job (0 for other dtypes)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, job in enumerate(jobs):
-        _check(job)
-        if job.segments and job.w.numel():
-            groups.setdefault((job.w.dtype, job.weight_scale is not None), []).append(i)
-    saturated = [0] * len(jobs)
-    for (wdtype, scaled), idx in groups.items():
-        counts = _launch([jobs[i] for i in idx], wdtype, scaled, stochastic, block or (BLOCK_M, BLOCK_N))
-        for i, c in zip(idx, counts):
-            saturated[i] = c
-    return saturated
-
-
-def _launch(jobs: list[Job], wdtype: torch.dtype, scaled: bool, stochastic: bool, block: tuple[int, int]) -> list[int]:
-    device = jobs[0].w.device
-    fdtype = _factor_dtype(jobs)
-    bm, bn = block
-    layers, segs, seg_scales, layer_scales, tiles = [], [], [], [], []
-    keep = []  # the cast factors must outlive the launch
-    for li, job in enumerate(jobs):
-        rows, cols = job.w.shape
-        first = len(segs)
-        for up, down, scale, (r0, r1) in job.segments:
-            u = up.to(device=device, dtype=fdtype).contiguous()
-            d = down.to(device=device, dtype=fdtype).contiguous()
-            keep += [u, d]
-            segs.append([u.data_ptr(), d.data_ptr(), up.shape[1], r0, r1])
-            seg_scales.append(scale)
-        layers.append([job.w.data_ptr(), rows, cols, first, len(segs), job.salt])
-        layer_scales.append(job.weight_scale or 1.0)
-        nm, nn = math.ceil(rows / bm), math.ceil(cols / bn)
-        tiles.append(torch.stack(torch.meshgrid(torch.tensor([li]), torch.arange(nm), torch.arange(nn),
-                                                indexing="ij"), -1).reshape(-1, 3))
-    t_tiles = torch.cat(tiles).to(device=device, dtype=torch.int32).contiguous()
-    t_layers = torch.tensor(layers, dtype=torch.int64, device=device).reshape(-1, LAYER_COLS)
-    t_segs = torch.tensor(segs, dtype=torch.int64, device=device).reshape(-1, SEG_COLS)
-    # scales are rounded to fp32 here exactly as the reference rounds them
-    t_seg_scales = torch.tensor(seg_scales, dtype=torch.float32, device=device)
-    t_layer_scales = torch.tensor(layer_scales, dtype=torch.float32, device=device)
-    t_sat = torch.zeros(len(jobs), dtype=torch.int32, device=device)
-    block_k = _block_k(jobs)
-    grid = (t_tiles.shape[0],)
-    grouped_lowrank_kernel[grid](
-        t_tiles, t_layers, t_layer_scales, t_segs, t_seg_scales, t_sat,
-        W_KIND=W_KINDS[wdtype], F_DTYPE=F_DTYPES[fdtype],
-        HAS_WSCALE=scaled, STOCHASTIC=stochastic, PRECISION=PRECISION[fdtype],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, num_warps=8 if bm * bn >= 8192 else 4,
-        enable_fp_fusion=False,
-    )
-    return [int(c) for c in t_sat.tolist()]
+    """Patch every job in place (one launch per group); returns the fp8 saturation count per job."""
+    return GroupedLaunch(jobs, stochastic=stochastic, block=block).run()

@@ -20,10 +20,11 @@ import triton.language as tl
 FP32, FP16, BF16, E4M3, E5M2 = 0, 1, 2, 3, 4
 
 # Tables (int64, row-major), built by the launcher in lorakit.kernels:
-#   layer row:   W address, rows, cols, first segment, end segment, salt
+#   layer row:   W address, source address (W itself, or a backup to re-patch from), rows, cols,
+#                first segment, end segment, salt
 #   segment row: up address, down address, rank, first row, end row   (one LoRA on rows of one weight)
 #   tile row (int32): layer, tile row, tile column
-LAYER_COLS = 6
+LAYER_COLS = 7
 SEG_COLS = 5
 
 
@@ -135,13 +136,14 @@ def grouped_lowrank_kernel(
     layer = tl.load(tiles_ptr + pid * 3).to(tl.int64)
     tm = tl.load(tiles_ptr + pid * 3 + 1).to(tl.int64)
     tn = tl.load(tiles_ptr + pid * 3 + 2).to(tl.int64)
-    row = layers_ptr + layer * 6
+    row = layers_ptr + layer * 7
     w_addr = tl.load(row + 0)
-    rows = tl.load(row + 1)
-    cols = tl.load(row + 2)
-    seg0 = tl.load(row + 3)
-    seg1 = tl.load(row + 4)
-    salt = tl.load(row + 5).to(tl.uint32)
+    src_addr = tl.load(row + 1)
+    rows = tl.load(row + 2)
+    cols = tl.load(row + 3)
+    seg0 = tl.load(row + 4)
+    seg1 = tl.load(row + 5)
+    salt = tl.load(row + 6).to(tl.uint32)
 
     offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -152,19 +154,19 @@ def grouped_lowrank_kernel(
 
     if W_KIND == 0:
         w_ptr = w_addr.to(tl.pointer_type(tl.float32))
-        raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        raw = tl.load(src_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
         orig = raw
     elif W_KIND == 1:
         w_ptr = w_addr.to(tl.pointer_type(tl.float16))
-        raw = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        raw = tl.load(src_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0)
         orig = raw.to(tl.float32)
     elif W_KIND == 2:
         w_ptr = w_addr.to(tl.pointer_type(tl.uint16))
-        raw = tl.load(w_ptr + offs, mask=mask, other=0)
+        raw = tl.load(src_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
         orig = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         w_ptr = w_addr.to(tl.pointer_type(tl.uint8))
-        raw = tl.load(w_ptr + offs, mask=mask, other=0)
+        raw = tl.load(src_addr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0)
         orig = _fp8_decode(raw, W_KIND)
     if HAS_WSCALE:
         wscale = tl.load(layer_scales_ptr + layer)
@@ -175,7 +177,9 @@ def grouped_lowrank_kernel(
         srow = segs_ptr + s * 5
         r0 = tl.load(srow + 3)
         r1 = tl.load(srow + 4)
-        if (tm * BLOCK_M < r1) & ((tm + 1) * BLOCK_M > r0):  # the segment's rows meet this tile
+        scale = tl.load(seg_scales_ptr + s)
+        # segments at scale 0 are skipped (adding 0 would turn -0.0 into +0.0), as are those whose rows miss the tile
+        if (tm * BLOCK_M < r1) & ((tm + 1) * BLOCK_M > r0) & (scale != 0.0):
             up_ptr = tl.load(srow + 0).to(tl.pointer_type(F_DTYPE))
             down_ptr = tl.load(srow + 1).to(tl.pointer_type(F_DTYPE))
             rank = tl.load(srow + 2)
@@ -190,8 +194,8 @@ def grouped_lowrank_kernel(
                             other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
             # two roundings, as the reference: t * scale, then the add (launched without FMA fusion);
-            # rows outside the segment keep v as it is (adding 0 would turn -0.0 into +0.0)
-            v = tl.where(in_seg[:, None], v + acc * tl.load(seg_scales_ptr + s), v)
+            # rows outside the segment keep v as it is
+            v = tl.where(in_seg[:, None], v + acc * scale, v)
 
     changed = v != orig
     if HAS_WSCALE:

@@ -34,8 +34,8 @@ def whole(key: str, tensor: torch.Tensor) -> list[Part]:
     return [Part(key, tensor, (0, tensor.shape[0] if tensor.dim() else 1))]
 
 
-def lowrank_segments(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.Tensor, float]] | None:
-    """(first row, end row, up, down, scale) for each op when all are plain low-rank weight updates."""
+def lowrank_segments(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.Tensor, float, Op]] | None:
+    """(first row, end row, up, down, scale, op) for each op when all are plain low-rank weight updates."""
     out = []
     for op in ops:
         a = op.adapter
@@ -43,24 +43,27 @@ def lowrank_segments(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.
         if lr is None or type(a).apply_ is not Adapter.apply_:
             return None
         rows = op.target.rows or (0, lr[0].shape[0])
-        out.append((rows[0], rows[1], as_matrix(lr[0]), as_matrix(lr[1]), op.strength * a.scale))
+        out.append((rows[0], rows[1], as_matrix(lr[0]), as_matrix(lr[1]), op.strength * a.scale, op))
     return out
 
 
 def updates(parts: list[Part], ops: list[Op], weight_scale: float | None = None) -> list[Update] | None:
-    """The ops as one ``Update`` per real tensor, or None when some op is not plain low-rank."""
-    segs = lowrank_segments([op for op in ops if op.strength != 0.0])
+    """The ops as one ``Update`` per real tensor, or None when some op is not plain low-rank.
+
+    Ops at strength 0 stay as segments of scale 0 (skipped by the primitive), so a patch handle
+    can raise their strength later; each segment is tagged with its op."""
+    segs = lowrank_segments(ops)
     if segs is None:
         return None
     by_key: dict[str, Update] = {}
     for p in parts:
-        for a, b, up, down, scale in segs:
+        for a, b, up, down, scale, op in segs:
             lo, hi = max(a, p.rows[0]), min(b, p.rows[1])
             if lo >= hi:
                 continue
             u = by_key.setdefault(p.key, Update(p.tensor, [], p.key, weight_scale))
             shift = p.offset - p.rows[0]
-            u.segments.append(Segment(up[lo - a:hi - a], down, scale, (lo + shift, hi + shift)))
+            u.segments.append(Segment(up[lo - a:hi - a], down, scale, (lo + shift, hi + shift), op))
     return list(by_key.values())
 
 

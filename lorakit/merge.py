@@ -147,7 +147,7 @@ def _patch_blocked(stored: torch.Tensor, factors: list, work: torch.Tensor) -> N
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
         w = work[: (r1 - r0) * s2.shape[1]].view(r1 - r0, -1).copy_(s2[r0:r1])
-        for a, b, up, down, scale in factors:
+        for a, b, up, down, scale, _op in factors:
             lo, hi = max(a, r0), min(b, r1)
             if lo < hi:
                 lowrank_update_(w[lo - r0 : hi - r0], up[lo - a : hi - a], down, scale)

@@ -21,7 +21,7 @@ from .arch.diffusers import Layout, layout
 from .engine import Part, patch_generic_, updates, whole
 from .errors import ArchitectureMismatch, LorakitError
 from .lora import load_lora
-from .ops import is_fp8, update_many_
+from .ops import Prepared, Update, is_fp8
 from .plan import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
 
 BACKUP_POLICIES = ("auto", "gpu", "cpu", "none")
@@ -76,10 +76,21 @@ class PatchHandle:
                  *, backup: str, rounding: str, seed: int, backend: str) -> None:
         self.plan, self.specs = the_plan, list(specs)
         self.rounding, self.seed, self.backend = rounding, seed, backend
-        self._targets = targets
         self._touched = {p.key: p.tensor for t in targets for p in t.parts}
         self.backup_policy = _resolve_backup(backup, self._touched)
         self._backup = _make_backup(self._touched, self.backup_policy)
+        self._generic: list[_Target] = []
+        batch = []
+        for t in targets:
+            ups = updates(t.parts, t.ops, t.weight_scale)
+            if ups is None:
+                self._generic.append(t)
+            else:
+                batch += ups
+        self._batch = batch
+        self._ops = [op for t in targets for op in t.ops]
+        self._prepared = Prepared(batch, rounding=rounding, seed=seed, backend=backend)
+        self._from_backup: Prepared | None = None  # lazily: re-patch reading the backup, one pass
         self.patched = False
         self.saturated: dict[str, int] = {}
 
@@ -96,17 +107,33 @@ class PatchHandle:
         return r
 
     def set_strengths(self, strengths: list[float | tuple[float, float]]) -> None:
-        """New (model[, clip]) strengths, one entry per LoRA: restore, then patch again."""
+        """New (model[, clip]) strengths, one entry per LoRA: the weights become the original
+        patched at the new strengths (in one pass from a same-device backup when every change is
+        low-rank; else restore, then patch)."""
         if len(strengths) != len(self.specs):
             raise ValueError(f"{len(strengths)} strengths for {len(self.specs)} LoRAs")
         self._need_backup("set_strengths")
         for i, s in enumerate(strengths):
             model, clip = (s, None) if isinstance(s, (int, float)) else s
             self.specs[i] = LoraSpec(self.specs[i].path, float(model), None if clip is None else float(clip))
-        for t in self._targets:
-            for op in t.ops:
-                ls = self.specs[op.lora_index]
-                op.strength = ls.model_strength if op.strength_kind == "model" else ls.clip
+        for op in self._ops:
+            ls = self.specs[op.lora_index]
+            op.strength = ls.model_strength if op.strength_kind == "model" else ls.clip
+        for u in self._batch:
+            for g in u.segments:
+                g.scale = g.tag.strength * g.tag.adapter.scale
+        self._prepared.rescaled()
+        if self.patched and not self._generic and self.backup_policy == "gpu":
+            if self._from_backup is None:
+                sourced = [Update(u.w, u.segments, u.key, u.weight_scale, self._backup[u.key]) for u in self._batch]
+                self._from_backup = Prepared(sourced, rounding=self.rounding, seed=self.seed, backend=self.backend)
+            else:
+                self._from_backup.rescaled()
+            self.saturated.clear()
+            with torch.no_grad():
+                self._from_backup.run()
+            self._collect(self._from_backup)
+            return
         self.restore()
         self.apply()
 
@@ -115,8 +142,9 @@ class PatchHandle:
         if not self.patched:
             return
         self._need_backup("restore")
-        for key, t in self._touched.items():
-            t.copy_(self._backup[key])
+        with torch.no_grad():
+            for key, t in self._touched.items():
+                t.copy_(self._backup[key])
         self.patched = False
 
     def apply(self) -> None:
@@ -124,34 +152,32 @@ class PatchHandle:
         if self.patched:
             return
         self.saturated.clear()
-        batch = []
         with torch.no_grad():
-            for t in self._targets:
-                ups = updates(t.parts, t.ops, t.weight_scale)
-                if ups is not None:
-                    batch += ups
-                    continue
+            for t in self._generic:
                 n = patch_generic_(t.parts, t.ops, weight_scale=t.weight_scale, rounding=self.rounding,
                                    seed=self.seed, device=t.parts[0].tensor.device)
                 if n:
                     self.saturated[t.key] = n
-            update_many_(batch, rounding=self.rounding, seed=self.seed, backend=self.backend)
-        for u in batch:
-            if u.saturated:
-                self.saturated[u.key] = self.saturated.get(u.key, 0) + u.saturated
-        self.patched = True
+            self._prepared.run()
+        self._collect(self._prepared)
 
     def close(self) -> None:
         """Restore (when a backup exists) and free the backup."""
         if self._backup is not None:
             self.restore()
-        self._backup = None
+        self._backup = self._from_backup = None
 
     def __enter__(self) -> PatchHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _collect(self, prepared: Prepared) -> None:
+        for u in prepared.updates:
+            if u.saturated:
+                self.saturated[u.key] = u.saturated
+        self.patched = True
 
     def _need_backup(self, what: str) -> None:
         if self._backup is None:

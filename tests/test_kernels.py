@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install 'lorakit[test]')")
 
 from lorakit.errors import BackendUnavailable  # noqa: E402
-from lorakit.ops import Segment, Update, choose_backend, update_many_  # noqa: E402
+from lorakit.ops import Prepared, Segment, Update, choose_backend, update_many_  # noqa: E402
 from tests.golden_compare import ulp  # noqa: E402
 
 W_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -112,6 +112,30 @@ def test_random_factors_against_float64(wdtype: torch.dtype) -> None:
             assert bool(((got - exact).abs() <= bound).all()), f"{u.key}: outside 0.5 ulp + accumulation bound"
         if wdtype != torch.float32:
             assert float((bits(r.w) != bits(k.w)).double().mean()) <= 1e-3
+
+
+def test_repatch_from_source_and_rescale() -> None:
+    """A prepared launch re-run from a backup with new scales equals a fresh update (both backends)."""
+    g = torch.Generator().manual_seed(6)
+    for wdtype in (torch.float16, torch.float8_e4m3fn):
+        original = model(g, wdtype, torch.float16)
+        results = []
+        for backend in ("torch", "triton"):
+            live = [Update(u.w.clone(), [Segment(s.up, s.down, s.scale, s.rows) for s in u.segments], u.key,
+                           u.weight_scale, u.w.clone()) for u in original]
+            prepared = Prepared(live, rounding="stochastic", seed=2, backend=backend)
+            prepared.run()
+            for u in live:
+                for s in u.segments:
+                    s.scale *= -0.5
+            prepared.rescaled()
+            prepared.run()
+            results.append(live)
+        fresh = [Update(u.w.clone(), [Segment(s.up, s.down, -0.5 * s.scale, s.rows) for s in u.segments], u.key,
+                        u.weight_scale) for u in original]
+        update_many_(fresh, rounding="stochastic", seed=2, backend="torch")
+        for f, r, k in zip(fresh, *results):
+            assert torch.equal(bits(r.w), bits(f.w)) and torch.equal(bits(k.w), bits(f.w)), f.key
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:

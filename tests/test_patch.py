@@ -207,3 +207,19 @@ def test_patch_with_the_kernel_backend(zoo: Path) -> None:
             diff += int((bits(ref[k]) != bits(ker[k])).sum())
             total += ref[k].numel() * ref[k].element_size()
     assert diff <= 1e-3 * total
+
+
+def test_hot_swap_with_the_kernel_backend(zoo: Path) -> None:
+    """The kernel's one-pass re-patch from the backup equals a fresh kernel patch bit for bit."""
+    pytest.importorskip("triton")
+    base = zoo / "base/flux/flux1_tiny_dev_fp8_e4m3fn.safetensors"
+    lora = zoo / "flux/flux_bfl_noprefix.safetensors"
+    sd, fresh, original = load_file(base), load_file(base), load_file(base)
+    lorakit.patch(fresh, [f"{lora}:0.6"], seed=9, backend="triton")
+    h = lorakit.patch(sd, [f"{lora}:1.2"], seed=9, backend="triton")
+    assert h.saturated == {} and h.rounding == "stochastic"
+    h.set_strengths([0.6])
+    assert h._from_backup is not None, "the one-pass path ran"
+    assert same(sd, fresh) == []
+    h.set_strengths([0.0])
+    assert same(sd, original) == []

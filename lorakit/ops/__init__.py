@@ -27,7 +27,7 @@ import torch
 from ..errors import BackendUnavailable
 from .rounding import FP8, is_fp8, round_into, salt
 
-__all__ = ["Segment", "Update", "update_many_", "lowrank_update_", "round_into", "is_fp8", "FP8", "as_matrix", "BACKENDS",
+__all__ = ["Segment", "Update", "Prepared", "update_many_", "lowrank_update_", "round_into", "is_fp8", "FP8", "as_matrix", "BACKENDS",
            "choose_backend"]
 
 # rows per chunk of the reference, so fp32 temporaries stay small whatever the tensor size
@@ -49,6 +49,7 @@ class Segment:
     down: torch.Tensor
     scale: float
     rows: tuple[int, int] | None = None
+    tag: object = field(default=None, compare=False)  # what produced it (the planner's op), for callers
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Update:
     segments: list[Segment]
     key: str = ""  # names the tensor for the stochastic-rounding counter
     weight_scale: float | None = None
+    source: torch.Tensor | None = None  # the original to patch from (a backup), when not ``w`` itself
     saturated: int = field(default=0, init=False)
 
     def matrices(self) -> list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]:
@@ -68,8 +70,12 @@ class Update:
 
 def _reference(u: Update, rounding: str, seed: int) -> None:
     view = as_matrix(u.w)
+    if u.source is not None:
+        view.copy_(as_matrix(u.source))
     rows, cols = view.shape
-    segs = [(up.float(), down.float(), torch.tensor(s, dtype=torch.float32), r) for up, down, s, r in u.matrices()]
+    # a segment whose fp32 scale is 0 is no update at all (adding 0 would turn -0.0 into +0.0)
+    segs = [(up.float(), down.float(), s32, r) for up, down, s, r in u.matrices()
+            if (s32 := torch.tensor(s, dtype=torch.float32)) != 0]
     step = max(1, ROUND_CHUNK_ELEMENTS // max(cols, 1))
     for c0 in range(0, rows, step):
         c1 = min(rows, c0 + step)
@@ -87,19 +93,39 @@ def _reference(u: Update, rounding: str, seed: int) -> None:
                                   scale=u.weight_scale)
 
 
-def _triton(updates: list[Update], rounding: str, seed: int) -> None:
-    from .. import kernels
+class _TorchRun:
+    def __init__(self, updates: list[Update], rounding: str, seed: int) -> None:
+        self.updates, self.rounding, self.seed = updates, rounding, seed
 
-    jobs = [kernels.Job(as_matrix(u.w), u.matrices(), salt=salt(seed, u.key), weight_scale=u.weight_scale)
-            for u in updates]
-    for u, n in zip(updates, kernels.grouped_update_(jobs, stochastic=rounding == "stochastic")):
-        u.saturated += n
+    def run(self) -> None:
+        for u in self.updates:
+            _reference(u, self.rounding, self.seed)
+
+    def rescaled(self) -> None:
+        pass  # the reference reads the segments' scales on every run
+
+
+class _TritonRun:
+    def __init__(self, updates: list[Update], rounding: str, seed: int) -> None:
+        from .. import kernels
+
+        self.updates = updates
+        jobs = [kernels.Job(as_matrix(u.w), u.matrices(), salt=salt(seed, u.key), weight_scale=u.weight_scale,
+                            source=None if u.source is None else as_matrix(u.source)) for u in updates]
+        self.launch = kernels.GroupedLaunch(jobs, stochastic=rounding == "stochastic")
+
+    def run(self) -> None:
+        for u, n in zip(self.updates, self.launch.run()):
+            u.saturated += n
+
+    def rescaled(self) -> None:
+        self.launch.set_scales([[g.scale for g in u.segments] for u in self.updates])
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    run: object  # (updates, rounding, seed) -> None
+    prepare: object  # (updates, rounding, seed) -> an object with run() and rescaled()
 
     def unavailable(self, w: torch.Tensor, explicit: bool = False) -> str | None:
         """Why this backend cannot patch ``w`` (None: it can)."""
@@ -135,7 +161,7 @@ def _why_not_triton(w: torch.Tensor, explicit: bool) -> str | None:
 
 
 _WHY = {"triton": _why_not_triton, "torch": lambda w, explicit: None}
-BACKENDS = [Backend("triton", _triton), Backend("torch", lambda us, r, s: [_reference(u, r, s) for u in us])]
+BACKENDS = [Backend("triton", _TritonRun), Backend("torch", _TorchRun)]
 
 
 def choose_backend(w: torch.Tensor, backend: str = "auto") -> Backend:
@@ -153,16 +179,35 @@ def choose_backend(w: torch.Tensor, backend: str = "auto") -> Backend:
     return chosen
 
 
+class Prepared:
+    """``update_many_`` made reusable: the backend's launch tables are built once; ``run()`` again
+    after a restore (or from each update's ``source``), ``rescaled()`` after changing segment scales."""
+
+    def __init__(self, updates: list[Update], *, rounding: str = "nearest", seed: int = 0,
+                 backend: str = "auto") -> None:
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"unknown rounding mode {rounding!r}")
+        by_backend: dict[str, tuple[Backend, list[Update]]] = {}
+        for u in updates:
+            b = choose_backend(u.w, backend)
+            by_backend.setdefault(b.name, (b, []))[1].append(u)
+        self.updates = updates
+        self.runs = [b.prepare(us, rounding, seed) for b, us in by_backend.values()]
+
+    def run(self) -> None:
+        for u in self.updates:
+            u.saturated = 0
+        for r in self.runs:
+            r.run()
+
+    def rescaled(self) -> None:
+        for r in self.runs:
+            r.rescaled()
+
+
 def update_many_(updates: list[Update], *, rounding: str = "nearest", seed: int = 0, backend: str = "auto") -> None:
     """Apply every update in place (grouped into one kernel launch per dtype on CUDA)."""
-    if rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"unknown rounding mode {rounding!r}")
-    by_backend: dict[str, tuple[Backend, list[Update]]] = {}
-    for u in updates:
-        b = choose_backend(u.w, backend)
-        by_backend.setdefault(b.name, (b, []))[1].append(u)
-    for b, us in by_backend.values():
-        b.run(us, rounding, seed)
+    Prepared(updates, rounding=rounding, seed=seed, backend=backend).run()
 
 
 def lowrank_update_(
