@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for the device machine (one H100, no internet), well under 6 minutes:
+#   1. the `cuda` tests (kernel bit-exactness incl. bf16 factors, full-size shapes, every golden
+#      case through `merge --device cuda`, the patch API on CUDA tensors);
+#   2. benchmarks/patch_gpu.py (whole-model patch vs copy roofline and peer-style paths; hot swap).
+# Results land in $OUT (or benchmarks/_work/gpu) as pytest.txt, patch_gpu.md, patch_gpu.json.
+#
+# Offline setup: before the run, `pip download -d benchmarks/_work/wheels safetensors click pytest`
+# (pure-python / abi3 wheels) and copy ../shared/zoo + ../shared/manifests to benchmarks/_work/ if
+# the device has no ../shared; pass benchmarks/_work as `carry`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${OUT:-benchmarks/_work/gpu}
+mkdir -p "$RESULTS"
+WORK=benchmarks/_work
+[ -d ../shared/zoo ] || export LORAKIT_ZOO=$PWD/$WORK/zoo
+[ -d ../shared/manifests ] || export LORAKIT_MANIFESTS=$PWD/$WORK/manifests
+if [ -d "$WORK/wheels" ]; then
+  python -m pip install -q --no-index --find-links "$WORK/wheels" safetensors click pytest 2>&1 | tail -2
+fi
+if ! python -c "import lorakit.kernels" 2>/dev/null; then
+  # no editable install offline: lay the package out as pyproject's package-dir does
+  rm -rf "$WORK/site" && mkdir -p "$WORK/site" && cp -r lorakit "$WORK/site/" && cp -r kernels "$WORK/site/lorakit/kernels"
+  export PYTHONPATH=$PWD/$WORK/site:$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/device.txt"
+
+timeout 200 python -m pytest -q -m cuda tests/test_kernels_cuda.py -x -p no:cacheprovider 2>&1 | tail -25 \
+  | tee "$RESULTS/pytest.txt"
+timeout 300 python benchmarks/patch_gpu.py --json "$RESULTS/patch_gpu.json" 2>&1 | tee "$RESULTS/patch_gpu.md"
