@@ -15,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import BF16, E4M3, E5M2, FP16, FP32, LAYER_COLS, SEG_COLS, grouped_lowrank_kernel
+from .lowrank import BF16, E4M3, E5M2, FP8_FORMATS, FP16, FP32, LAYER_COLS, SEG_COLS, grouped_lowrank_kernel
 
 W_KINDS = {torch.float32: FP32, torch.float16: FP16, torch.bfloat16: BF16,
            torch.float8_e4m3fn: E4M3, torch.float8_e5m2: E5M2}
 # dot operands: 16-bit factors go to the tensor cores as they are (their products are exact in the
 # fp32 accumulator); fp32 factors use the three-pass TF32 split, close to fp32 products
 F_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-PRECISION = {torch.float16: "ieee", torch.bfloat16: "ieee", torch.float32: "tf32x3"}
+PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "tf32x3"}  # 16-bit: unused
 BLOCK_M, BLOCK_N = 64, 128
 
 
@@ -91,7 +91,9 @@ class _Group:
         self.layer_scales = torch.tensor(layer_scales, dtype=torch.float32, device=device)
         self.saturated = torch.zeros(len(jobs), dtype=torch.int32, device=device)
         rank = max([up.shape[1] for j in jobs for up, _, _, _ in j.segments] + [1])
-        self.args = dict(W_KIND=W_KINDS[jobs[0].w.dtype], F_DTYPE=F_DTYPES[fdtype],
+        kind = W_KINDS[jobs[0].w.dtype]
+        bias, mbits, top = FP8_FORMATS.get(kind, (0, 0, 0.0))
+        self.args = dict(W_KIND=kind, FP8_BIAS=bias, FP8_MBITS=mbits, FP8_MAX=top, F_DTYPE=F_DTYPES[fdtype],
                          HAS_WSCALE=jobs[0].weight_scale is not None, STOCHASTIC=stochastic,
                          PRECISION=PRECISION[fdtype], BLOCK_M=bm, BLOCK_N=bn,
                          BLOCK_K=max(16, min(64, triton.next_power_of_2(rank))),

@@ -34,36 +34,31 @@ def _pow2(e):
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _fp8_params(KIND: tl.constexpr):
-    if KIND == 3:  # e4m3fn: bias 7, 3 mantissa bits, no infinities, largest finite 448
-        return 7, 3, 448.0
-    else:  # e5m2: bias 15, 2 mantissa bits, largest finite 57344
-        return 15, 2, 57344.0
+# fp8 formats: (exponent bias, mantissa bits, largest finite value), passed to the kernel as constexprs
+FP8_FORMATS = {E4M3: (7, 3, 448.0), E5M2: (15, 2, 57344.0)}
 
 
 @triton.jit
-def _fp8_decode(bits, KIND: tl.constexpr):
+def _fp8_decode(bits, KIND: tl.constexpr, BIAS: tl.constexpr, MBITS: tl.constexpr):
     """uint8/int32 fp8 bit patterns -> fp32 (exact); NaN patterns decode to NaN."""
-    BIAS, MBITS, _MAX = _fp8_params(KIND)
     b = bits.to(tl.int32) & 0xFF
     mag = b & 0x7F
     ef = mag >> MBITS
     mf = mag & ((1 << MBITS) - 1)
     sig = tl.where(ef > 0, mf + (1 << MBITS), mf)
     val = sig.to(tl.float32) * _pow2(tl.maximum(ef, 1) - BIAS - MBITS)
-    if KIND == 3:
+    if KIND == 3:  # e4m3fn: S.1111.111 is NaN, no infinities
         special = mag == 0x7F
-    else:
+    else:  # e5m2: exponent field all ones is inf / NaN
         special = ef == 31
-    val = tl.where(special, float("nan"), val)
+    nan = (val.to(tl.int32, bitcast=True) | 0x7FC00000).to(tl.float32, bitcast=True)
+    val = tl.where(special, nan, val)
     return tl.where(b >= 0x80, -val, val)
 
 
 @triton.jit
-def _fp8_encode_magnitude(a, KIND: tl.constexpr):
+def _fp8_encode_magnitude(a, BIAS: tl.constexpr, MBITS: tl.constexpr):
     """Round-to-nearest-even of a finite fp32 magnitude 0 <= a <= max into 7 fp8 bits (int32)."""
-    BIAS, MBITS, _MAX = _fp8_params(KIND)
     EMIN: tl.constexpr = 1 - BIAS
     e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
     y = a * _pow2(MBITS - e)  # exact: a power-of-two scale into [0, 2**(MBITS+1))
@@ -92,15 +87,15 @@ def _uniform24(salt, index):
 
 
 @triton.jit
-def _round_fp8(target, changed, raw, salt, index, KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
+def _round_fp8(target, changed, raw, salt, index, KIND: tl.constexpr, BIAS: tl.constexpr, MBITS: tl.constexpr,
+               MAX: tl.constexpr, STOCHASTIC: tl.constexpr):
     """fp32 target -> stored fp8 bits, keeping ``raw`` wherever the stored value does not move."""
-    BIAS, MBITS, MAX = _fp8_params(KIND)
     a = tl.minimum(tl.abs(target), MAX)
-    near = _fp8_encode_magnitude(a, KIND)
+    near = _fp8_encode_magnitude(a, BIAS, MBITS)
     if STOCHASTIC:
-        nf = _fp8_decode(near, KIND)
+        nf = _fp8_decode(near, KIND, BIAS, MBITS)
         other = tl.maximum(tl.where(nf < a, near + 1, near - 1), 0)
-        of = _fp8_decode(other, KIND)
+        of = _fp8_decode(other, KIND, BIAS, MBITS)
         lo = tl.minimum(nf, of)
         hi = tl.maximum(nf, of)
         lo_bits = tl.where(nf < of, near, other)
@@ -114,7 +109,7 @@ def _round_fp8(target, changed, raw, salt, index, KIND: tl.constexpr, STOCHASTIC
         negative = (target.to(tl.int32, bitcast=True) >> 31) != 0
     bits = tl.where(negative, mag | 0x80, mag)
     bits = tl.where(target != target, 0x7F, bits)
-    moved = changed & (_fp8_decode(bits, KIND) != _fp8_decode(raw, KIND))
+    moved = changed & (_fp8_decode(bits, KIND, BIAS, MBITS) != _fp8_decode(raw, KIND, BIAS, MBITS))
     return tl.where(moved, bits, raw.to(tl.int32))
 
 
@@ -129,7 +124,8 @@ def _bf16_rtne(x):
 @triton.jit
 def grouped_lowrank_kernel(
     tiles_ptr, layers_ptr, layer_scales_ptr, segs_ptr, seg_scales_ptr, saturated_ptr,
-    W_KIND: tl.constexpr, F_DTYPE: tl.constexpr, HAS_WSCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
+    W_KIND: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MBITS: tl.constexpr, FP8_MAX: tl.constexpr,
+    F_DTYPE: tl.constexpr, HAS_WSCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -167,7 +163,7 @@ def grouped_lowrank_kernel(
     else:
         w_ptr = w_addr.to(tl.pointer_type(tl.uint8))
         raw = tl.load(src_addr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0)
-        orig = _fp8_decode(raw, W_KIND)
+        orig = _fp8_decode(raw, W_KIND, FP8_BIAS, FP8_MBITS)
     if HAS_WSCALE:
         wscale = tl.load(layer_scales_ptr + layer)
         orig = orig * wscale
@@ -209,8 +205,8 @@ def grouped_lowrank_kernel(
     elif W_KIND == 2:
         out = _bf16_rtne(target)
     else:
-        _B, _M, MAX = _fp8_params(W_KIND)
-        out = _round_fp8(target, changed, raw, salt, offs, W_KIND, STOCHASTIC).to(tl.uint8)
-        sat = tl.sum(tl.sum(((tl.abs(target) > MAX) & changed & mask).to(tl.int32), axis=1), axis=0)
+        out = _round_fp8(target, changed, raw, salt, offs, W_KIND, FP8_BIAS, FP8_MBITS, FP8_MAX, STOCHASTIC)
+        out = out.to(tl.uint8)
+        sat = tl.sum(tl.sum(((tl.abs(target) > FP8_MAX) & changed & mask).to(tl.int32), axis=1), axis=0)
         tl.atomic_add(saturated_ptr + layer, sat)
     tl.store(w_ptr + offs, out, mask=mask)

@@ -13,6 +13,12 @@ at most 0.1 % of elements.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,6 +142,21 @@ def test_repatch_from_source_and_rescale() -> None:
         update_many_(fresh, rounding="stochastic", seed=2, backend="torch")
         for f, r, k in zip(fresh, *results):
             assert torch.equal(bits(r.w), bits(f.w)) and torch.equal(bits(k.w), bits(f.w)), f.key
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_compiles_for_real_gpus(cc: int) -> None:
+    """The compiled path (not the interpreter) builds for A100 (sm80) and H100 (sm90): every W kind
+    and factor path, with tensor-core dots and without fused multiply-adds in fp32 (the spec rounds
+    ``t * scale`` before the add)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("aot_compile.py")), str(cc)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    variants = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(variants) == 5
+    for v in variants:
+        assert v["mma"] and not v["fma_f32"], v
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
