@@ -168,6 +168,64 @@ def inspect(file, as_json) -> None:
 
 
 @main.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:MODEL_STRENGTH[:CLIP_STRENGTH]]...")
+@click.option("--merged", type=click.Path(dir_okay=False), help="The merged file to check (default: lorakit's own "
+              "merge, in memory).")
+@click.option("--model-only", is_flag=True, help="The merge ignored text-encoder parts (LoraLoaderModelOnly).")
+@click.option("--rounding", type=click.Choice(["nearest", "stochastic"]), default=None,
+              help="fp8 rounding the merge used (sets the expected noise floor).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-model", is_flag=True, help="Skip the model-level check (denoiser forward in fp32).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the model-level check runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(base, loras, merged, model_only, rounding, seed, no_model, device, as_json) -> None:
+    """Check that LORA(s) landed in a merge of BASE: per tensor, at model level, and for NaN/inf/saturation.
+
+    Exit status 0 on PASS, 1 on FAIL."""
+    from .check import check as run_check
+
+    specs = [parse_lora_arg(a) for a in loras]
+    report = _run(run_check, base, specs, merged=merged, model_only=model_only, rounding=rounding, seed=seed,
+                  model_check=not no_model, device=device)
+    data = report.to_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=1))
+    else:
+        click.echo(_render_check(data))
+    sys.exit(0 if report.passed else 1)
+
+
+def _render_check(d: dict) -> str:
+    c = d["counts"]
+    lines = [f"checked {d['merged'] or 'lorakit merge (in memory)'} against {d['base']}",
+             f"tensors: {c['ok']} ok, {c['below-resolution']} below dtype resolution, {c['FAIL']} FAIL"]
+    for t in [t for t in d["tensors"] if t["status"] == "FAIL"][:10]:
+        lines.append(f"  FAIL {t['key']} ({t['dtype']}): error {t['err']:.3g} vs floor {t['floor']:.3g} — {t['reason']}")
+    below = [t for t in d["tensors"] if t["status"] == "below-resolution"]
+    if below:
+        lines.append(f"  below resolution (not a failure): {', '.join(t['key'] for t in below[:5])}"
+                     f"{' …' if len(below) > 5 else ''}")
+    for k in d["untouched_changed"][:5]:
+        lines.append(f"  FAIL {k}: changed, but no LoRA targets it")
+    lines += [f"  FAIL {p}" for p in d["problems"]]
+    for k, n in list(d["nonfinite"].items())[:5]:
+        lines.append(f"  FAIL {k}: {n} NaN/inf values")
+    if d["fp8_saturated"]:
+        lines.append(f"  note: fp8 values newly at the format's limit in {len(d['fp8_saturated'])} tensors "
+                     f"({sum(d['fp8_saturated'].values())} values)")
+    m = d["model"]
+    if m.get("status") in ("ok", "FAIL", "below-resolution"):
+        lines.append(f"model ({m['model']}, fp32): LoRA effect {m['lora_effect']:.3g}, merged vs runtime LoRA "
+                     f"{m['merged_vs_runtime']:.3g}, floor {m['floor']:.3g} -> {m['status']}")
+    else:
+        lines.append(f"model: skipped ({m.get('reason')})")
+    lines.append(d["result"])
+    return "\n".join(lines)
+
+
+@main.command()
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Write the demo files here and keep them.")
 def demo(keep) -> None:
     """Build a small SD1.5-layout checkpoint and a kohya LoRA, merge, inspect, and verify."""

@@ -1,0 +1,196 @@
+"""``lorakit check``: did the LoRA land, and is the merged model what the LoRA defines?
+
+Three levels (../shared/docs/sampler.md §5):
+
+* **tensors** — for every tensor the LoRAs touch: the stored change (merged − base, fp32) against
+  the reference change (lorakit's fp32 math), ``err = ‖Δstored − Δref‖ / ‖Δref‖``, judged against the
+  dtype's rounding floor ``u/√3 · ‖W'‖ / ‖Δref‖`` (u = unit roundoff; ×√3 for stochastic fp8). Above
+  3 × floor (+1e-6) is a failure; a floor above 0.3 means the change is below what the dtype can hold
+  and is reported as such, not as a failure. Tensors nothing targets must be bit-identical.
+* **model** — the denoiser (U-Net or Flux transformer, lorakit's own model code, fp32) on fixed
+  random inputs: merged weights against base weights plus runtime LoRA branches
+  (``y = W x + s·up(down x)``, a full-delta branch for other adapters). The difference must stay
+  within 2 × the best a stored merge can do (lorakit's own merge rounded to the dtype) + 1e-5, and the
+  LoRA's effect must be visible above that floor.
+* **numbers** — NaN / inf and fp8 values at the format's limit in the merged tensors.
+
+Without ``--merged`` the merge is lorakit's own, done in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .engine import apply_ops, lowrank_segments, patch_generic_, whole
+from .io.safetensors import SafetensorsFile
+from .merge import SCALED_FP8_MARKER, plan
+from .ops import FP8, is_fp8
+from .plan import LoraSpec, Op
+
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
+                 torch.float8_e4m3fn: 2.0 ** -4, torch.float8_e5m2: 2.0 ** -3}
+BELOW_RESOLUTION = 0.3
+MODEL_MEMORY_FRACTION = 0.5  # run the model-level check when fp32 weights fit in this much RAM
+
+
+@dataclass
+class TensorCheck:
+    key: str
+    dtype: str
+    err: float
+    floor: float
+    status: str  # ok | below-resolution | FAIL
+    reason: str = ""
+
+
+@dataclass
+class CheckReport:
+    base: str
+    merged: str | None
+    tensors: list[TensorCheck] = field(default_factory=list)
+    untouched_changed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    saturated: dict[str, int] = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        model_ok = self.model.get("status", "skipped") != "FAIL"
+        return (model_ok and not self.problems and not self.untouched_changed and not self.nonfinite
+                and all(t.status != "FAIL" for t in self.tensors))
+
+    def to_json(self) -> dict:
+        return {"result": "PASS" if self.passed else "FAIL", "base": self.base, "merged": self.merged,
+                "tensors": [t.__dict__ for t in self.tensors],
+                "counts": {s: sum(t.status == s for t in self.tensors) for s in ("ok", "below-resolution", "FAIL")},
+                "untouched_changed": self.untouched_changed, "problems": self.problems, "nonfinite": self.nonfinite,
+                "fp8_saturated": self.saturated, "model": self.model, "notes": self.notes}
+
+
+def _effective(f: SafetensorsFile, key: str) -> tuple[torch.Tensor, float | None]:
+    """fp32 value of a stored tensor (scaled fp8: times its scale) and the scale."""
+    t = f.get(key)
+    scale = None
+    if SCALED_FP8_MARKER in f.tensors and key.endswith(".weight") and is_fp8(t.dtype):
+        skey = key[: -len("weight")] + "scale_weight"
+        if skey in f.tensors:
+            scale = float(f.get(skey).float().reshape(-1)[0])
+    return (t.float() * scale if scale is not None else t.float()), scale
+
+
+def _floor(dtype: torch.dtype, new: torch.Tensor, delta_norm: float, rounding: str) -> float:
+    u = UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
+    if is_fp8(dtype) and rounding == "stochastic":
+        u *= math.sqrt(3.0)
+    return u / math.sqrt(3.0) * float(new.norm()) / max(delta_norm, 1e-30)
+
+
+def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.PathLike | None = None,
+          model_only: bool = False, rounding: str | None = None, seed: int = 0, model_check: bool = True,
+          device: str = "cpu") -> CheckReport:
+    """Check ``merged`` (or lorakit's in-memory merge) of ``loras`` into ``base``; see the module doc."""
+    the_plan = plan(base, loras, model_only=model_only, allow_unmatched=True, allow_nonfinite=True)
+    report = CheckReport(str(base), None if merged is None else str(merged))
+    for entry in the_plan.loras:
+        if entry["unmatched"]:
+            keys = [k for u in entry["unmatched"] for k in u["keys"]]
+            report.problems.append(f"{entry['file']}: {len(keys)} key(s) address nothing in BASE "
+                                   f"(first: {', '.join(keys[:3])}) — such a LoRA does not fully land")
+        if not entry["matched"]:
+            report.problems.append(f"{entry['file']}: no key of this LoRA applies to BASE")
+    src = SafetensorsFile(base)
+    out = SafetensorsFile(merged) if merged is not None else None
+    try:
+        fp8_any = any(is_fp8(src.tensors[k].torch_dtype) for k in the_plan.ops)
+        mode = rounding or ("stochastic" if fp8_any else "nearest")
+        stored = _tensor_level(src, out, the_plan.ops, report, mode, seed)
+        if out is not None:
+            _untouched(src, out, set(the_plan.ops), report)
+        if model_check:
+            from .checkmodel import model_level
+
+            report.model = model_level(src, out, the_plan, stored, mode, seed, torch.device(device))
+        else:
+            report.model = {"status": "skipped", "reason": "--no-model"}
+    finally:
+        src.close()
+        if out is not None:
+            out.close()
+    return report
+
+
+def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[str, list[Op]], report: CheckReport,
+                  rounding: str, seed: int) -> dict[str, torch.Tensor]:
+    """Per-tensor checks; returns the fp32 stored values of the touched tensors (for the model check)."""
+    stored_values: dict[str, torch.Tensor] = {}
+    for key, key_ops in ops.items():
+        info = src.tensors[key]
+        w32, scale = _effective(src, key)
+        ref = w32.clone()
+        apply_ops(ref, key_ops)
+        d_ref = ref - w32
+        if out is None:  # lorakit's own merge, in memory
+            stored_t = src.get(key).clone()
+            patch_generic_(whole(key, stored_t), key_ops, weight_scale=scale, rounding=rounding, seed=seed,
+                           device=torch.device("cpu"))
+            stored = stored_t.float() * scale if scale is not None else stored_t.float()
+            stored_dtype = stored_t.dtype
+            raw = stored_t
+        else:
+            if key not in out.tensors:
+                report.problems.append(f"{out.name}: tensor {key} is missing")
+                continue
+            if out.tensors[key].shape != info.shape:
+                report.problems.append(f"{out.name}: {key} has shape {out.tensors[key].shape}, BASE {info.shape}")
+                continue
+            stored, _ = _effective(out, key)
+            stored_dtype = out.tensors[key].torch_dtype
+            raw = out.get(key)
+        stored_values[key] = stored
+        sat = 0
+        if is_fp8(raw.dtype):
+            top = FP8[raw.dtype]
+            sat = int((raw.float().abs() >= top).sum() - (src.get(key).float().abs() >= top).sum())
+            if sat > 0:
+                report.saturated[key] = sat
+        d_stored = stored - w32
+        dn = float(d_ref.norm())
+        err = float((d_stored - d_ref).norm()) / max(dn, 1e-30) if dn > 0 else float(d_stored.norm() > 0)
+        floor = _floor(stored_dtype, ref, dn, rounding)
+        if err > 3 * floor + 1e-6:
+            why = "no change stored" if float(d_stored.norm()) == 0 else (
+                f"stored change is {float(d_stored.norm()) / max(dn, 1e-30):.3g}x the reference size, "
+                f"cosine {float(F.cosine_similarity(d_stored.reshape(1, -1), d_ref.reshape(1, -1))):.3f}")
+            if sat > 0:
+                why += f"; {sat} values clipped at the fp8 limit (the change does not fit the format)"
+            status = "FAIL"
+        elif floor > BELOW_RESOLUTION:
+            status, why = "below-resolution", f"the change is below {stored_dtype} resolution"
+        else:
+            status, why = "ok", ""
+        report.tensors.append(TensorCheck(key, str(stored_dtype).replace("torch.", ""), err, floor, status, why))
+        bad = int((~torch.isfinite(stored)).sum())
+        if bad:
+            report.nonfinite[key] = bad
+    return stored_values
+
+
+def _untouched(src: SafetensorsFile, out: SafetensorsFile, touched: set[str], report: CheckReport) -> None:
+    missing = [k for k in src.order if k not in out.tensors]
+    extra = [k for k in out.order if k not in src.tensors]
+    if missing:
+        report.problems.append(f"{out.name}: {len(missing)} tensor(s) of BASE missing (first: {missing[0]})")
+    if extra:
+        report.problems.append(f"{out.name}: {len(extra)} tensor(s) not in BASE (first: {extra[0]})")
+    for k in src.order:
+        if k in touched or k not in out.tensors:
+            continue
+        if src.read_bytes(k) != out.read_bytes(k):
+            report.untouched_changed.append(k)
