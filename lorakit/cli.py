@@ -226,6 +226,61 @@ def _render_check(d: dict) -> str:
 
 
 @main.command()
+@click.argument("ckpt", type=click.Path(dir_okay=False), required=False)
+@click.option("--unet", type=click.Path(dir_okay=False), help="Flux.1 transformer file (with --clip-l, --t5, --vae).")
+@click.option("--clip-l", "clip_l", type=click.Path(dir_okay=False), help="CLIP-L text encoder file (Flux).")
+@click.option("--t5", type=click.Path(dir_okay=False), help="T5-XXL encoder file (Flux).")
+@click.option("--vae", type=click.Path(dir_okay=False), help="Autoencoder file, e.g. ae.safetensors (Flux).")
+@click.option("--lora", "loras", multiple=True, metavar="LORA[:M[:C]]", help="A LoRA to patch in (repeatable).")
+@click.option("--prompt", required=True)
+@click.option("--negative", default="", help="Negative prompt (unused at cfg 1).")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=None, help="CFG scale (default 8 for SD, 1 for Flux).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sampler", type=click.Choice(["euler"]), default="euler", show_default=True)
+@click.option("--scheduler", type=click.Choice(["normal", "simple"]), default="normal", show_default=True)
+@click.option("--width", type=int, default=None, help="Pixels (default 512 for SD1.5, 1024 for SDXL / Flux).")
+@click.option("--height", type=int, default=None, help="Pixels (default: the width).")
+@click.option("--guidance", type=float, default=3.5, show_default=True, help="Flux.1-dev guidance (FluxGuidance).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: fp32 on the CPU; fp16 for SD, bf16 for Flux on a GPU; fp8 weights are "
+                   "computed in it).")
+@click.option("--tokenizers", type=click.Path(file_okay=False), help="Folder with clip/ (vocab.json, merges.txt) "
+              "and t5/ (tokenizer.json); default: $LORAKIT_TOKENIZERS, a ComfyUI install, the HF cache.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sample(ckpt, unet, clip_l, t5, vae, loras, prompt, negative, steps, cfg, seed, sampler, scheduler, width, height,
+           guidance, device, dtype, tokenizers, out, force, progress, as_json) -> None:
+    """Generate an image: SD1.5 / SDXL from CKPT, Flux.1 from --unet --clip-l --t5 --vae; PNG with its parameters."""
+    import torch
+
+    from .sampler import Options
+    from .sampler import sample as run_sample
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device cuda: no CUDA device is available to torch here", 2)
+    if dtype == "auto":
+        dt = torch.float32 if device == "cpu" else (torch.float16 if ckpt else torch.bfloat16)
+    else:
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    opt = Options(prompt, negative, steps, cfg, seed, sampler, scheduler, width, height, guidance, device, dt,
+                  tokenizers, progress)
+    report = _run(run_sample, out, opt, ckpt=ckpt, unet=unet, clip_l=clip_l, t5=t5, vae=vae,
+                  loras=[parse_lora_arg(x) for x in loras], force=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        click.echo(f"wrote {report['out']}: {report['width']}x{report['height']}, {report['steps']} steps "
+                   f"{report['sampler']}/{report['scheduler']}, cfg {report['cfg']}, seed {report['seed']}, "
+                   f"{report['seconds']:.1f} s")
+
+
+@main.command()
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Write the demo files here and keep them.")
 def demo(keep) -> None:
     """Build a small SD1.5-layout checkpoint and a kohya LoRA, merge, inspect, and verify."""

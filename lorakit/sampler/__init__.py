@@ -1,0 +1,64 @@
+"""A minimal sampler that checks patched models: model code for the single-file layouts, tokenizers,
+ComfyUI-exact schedules and Euler sampling, and ``sample()`` behind ``lorakit sample``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import OutputError
+from ..plan import LoraSpec
+from .pipeline import FluxPipeline, Options, SampleError, SDPipeline, describe
+from .png import save_png, to_rgb
+
+__all__ = ["sample", "Options", "SampleError"]
+
+
+def sample(out: str | os.PathLike, opt: Options, *, ckpt: str | None = None, unet: str | None = None,
+           clip_l: str | None = None, t5: str | None = None, vae: str | None = None,
+           loras: list[LoraSpec] = (), force: bool = False) -> dict:
+    """Generate one image and write it as PNG with its parameters; returns a report."""
+    out_p = Path(out)
+    if out_p.exists() and not force:
+        raise OutputError(f"{out_p}: already exists; pass --force to replace it")
+    if not out_p.parent.is_dir():
+        raise OutputError(f"{out_p}: folder {out_p.parent} does not exist")
+    if opt.sampler != "euler":
+        raise SampleError(f"sampler {opt.sampler!r} is not implemented; lorakit samples with euler")
+    t0 = time.monotonic()
+    if ckpt:
+        if unet or clip_l or t5 or vae:
+            raise SampleError("give a checkpoint, or --unet/--clip-l/--t5/--vae for Flux, not both")
+        pipe = SDPipeline(ckpt, list(loras), opt)
+        files = {"checkpoint": ckpt}
+        width = opt.width or (512 if pipe.arch == "sd15" else 1024)
+        cfg = 8.0 if opt.cfg is None else opt.cfg
+    else:
+        missing = [n for n, v in (("--unet", unet), ("--clip-l", clip_l), ("--t5", t5), ("--vae", vae)) if not v]
+        if missing:
+            raise SampleError(f"missing {', '.join(missing)}: Flux needs the transformer, CLIP-L, T5 and autoencoder files")
+        pipe = FluxPipeline(unet, clip_l, t5, vae, list(loras), opt)
+        files = {"unet": unet, "clip_l": clip_l, "t5": t5, "vae": vae}
+        width = opt.width or 1024
+        cfg = 1.0 if opt.cfg is None else opt.cfg
+    height = opt.height or width
+    if width % 16 or height % 16:
+        raise SampleError(f"width and height must be multiples of 16, got {width}x{height}")
+    opt.width, opt.height = width, height
+    image = pipe.sample()
+    if not bool(torch.isfinite(image).all()):
+        raise SampleError("the decoded image holds NaN/inf: the model (or a LoRA) produced non-finite values")
+    report = {"files": files, "loras": [{"file": Path(x.path).name, "model_strength": x.model_strength,
+                                                            "clip_strength": x.clip} for x in loras],
+              "prompt": opt.prompt, "negative": opt.negative, "steps": opt.steps, "cfg": cfg, "seed": opt.seed,
+              "sampler": opt.sampler, "scheduler": opt.scheduler, "width": width, "height": height,
+              "guidance": opt.guidance, "device": opt.device, "dtype": str(opt.dtype).replace("torch.", ""),
+              "version": __version__}
+    save_png(out_p, to_rgb(image), {"parameters": describe(opt, files, list(loras), width, height, cfg),
+                                    "lorakit": json.dumps(report, separators=(",", ":"))})
+    return {"out": str(out_p), **report, "seconds": round(time.monotonic() - t0, 2)}
