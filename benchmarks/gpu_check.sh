@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for the device machine (one H100, no internet), well under 6 minutes:
+# The GPU checks, as one script for the device machine (one H100, no internet), about 6 minutes:
 #   1. the `cuda` tests (kernel bit-exactness incl. bf16 factors, full-size shapes, every golden
 #      case through `merge --device cuda`, the patch API on CUDA tensors);
-#   2. benchmarks/patch_gpu.py (whole-model patch vs copy roofline and peer-style paths; hot swap).
-# Results land in $OUT (or benchmarks/_work/gpu) as pytest.txt, patch_gpu.md, patch_gpu.json.
+#   2. benchmarks/patch_gpu.py (whole-model patch vs copy roofline and peer-style paths; hot swap);
+#   3. benchmarks/sample_gpu.py (SD1.5 / Flux.1-dev denoising it/s with random weights).
+# Results land in $OUT (or benchmarks/_work/gpu): pytest.txt, patch_gpu.{md,json}, sample_gpu.{txt,json}.
 #
 # Offline setup: before the run, `pip download -d benchmarks/_work/wheels safetensors click pytest`
 # (pure-python / abi3 wheels) and copy ../shared/zoo + ../shared/manifests to benchmarks/_work/ if
@@ -26,6 +27,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/device.txt"
 
-timeout 200 python -m pytest -q -m cuda tests/test_kernels_cuda.py -x -p no:cacheprovider 2>&1 | tail -25 \
+timeout 150 python -m pytest -q -m cuda tests/test_kernels_cuda.py -x -p no:cacheprovider 2>&1 | tail -25 \
   | tee "$RESULTS/pytest.txt"
-timeout 300 python benchmarks/patch_gpu.py --json "$RESULTS/patch_gpu.json" 2>&1 | tee "$RESULTS/patch_gpu.md"
+timeout 240 python benchmarks/patch_gpu.py --reps 3 --json "$RESULTS/patch_gpu.json" 2>&1 | tee "$RESULTS/patch_gpu.md"
+timeout 120 python benchmarks/sample_gpu.py --diffusers --json "$RESULTS/sample_gpu.json" 2>&1 \
+  | tee "$RESULTS/sample_gpu.txt"

@@ -165,8 +165,11 @@ def bench_model(name: str, args, device: torch.device, backend: str) -> list[dic
                    **{f"{m}_ms": v for m, v in ms.items()}, **{f"{m}_max_ulp": v for m, v in err.items()}}
             rows.append(row)
             print(format_row(row), flush=True)
-            del prepared, updates, factors
-        del weights, pristine
+            factors.clear()  # free this rank's factors (and the tables pointing at them) before the next
+            updates.clear()
+            prepared = methods = None
+        weights.clear()  # free this dtype's weights before the next
+        pristine.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows

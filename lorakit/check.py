@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .engine import apply_ops, lowrank_segments, patch_generic_, whole
+from .engine import apply_ops, patch_generic_, whole
 from .io.safetensors import SafetensorsFile
 from .merge import SCALED_FP8_MARKER, plan
 from .ops import FP8, is_fp8

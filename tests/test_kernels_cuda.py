@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit.ops import Segment, Update, choose_backend, update_many_
-from tests.test_kernels import FP8, W_DTYPES, bits, float64_reference, grid, model
+from tests.test_kernels import FP8, W_DTYPES, bits, float64_reference, model
 from tests.test_patch import same
 from tests.test_zoo_cases import CASES, command, run, verify
 from tests.golden_compare import ulp

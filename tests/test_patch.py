@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.arch.diffusers import layout
 from lorakit.errors import LorakitError, UnmatchedKeysError
-from tests.conftest import ZOO
 from tests.test_zoo_cases import CASES
 
 SUCCESS = [c for c in CASES if c["expect"]["exit"] == "success"]
