@@ -11,6 +11,7 @@ MANIFESTS = Path(os.environ.get("LORAKIT_MANIFESTS", ROOT.parent / "shared" / "m
 
 def pytest_configure(config):
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the diffusers / transformers oracles read local files only
     if not torch.cuda.is_available():
         # the Triton kernels run on CPU tensors through the interpreter (tests/test_kernels.py);
         # it must be set before triton compiles anything
