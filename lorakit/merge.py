@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import math
 import os
 import tempfile
 import time
@@ -27,8 +26,8 @@ from .arch import detect
 from .errors import BackendUnavailable, OutputError
 from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
-from .engine import lowrank_segments, patch_generic_, updates, whole
-from .ops import is_fp8, lowrank_update_, update_many_
+from .engine import patch_generic_, updates, whole
+from .ops import is_fp8, update_many_
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
@@ -37,7 +36,6 @@ COPY_CHUNK = 16 << 20  # bytes per segment of untouched data
 PREFETCH = 4
 WRITE_BEHIND = 4
 RING_BUDGET = 768 << 20  # bytes of read/write buffers; depth shrinks for very large tensors
-BAND_ELEMENTS = 1 << 22  # fp32 elements per band (16 MB): bounds the work buffer, ~15 % faster than whole tensors
 READ_AHEAD = 64 << 20
 WRITE_PIECE = 1 << 20  # page-cache writes in 1 MB pieces ran ~1.7x faster than 16 MB pieces on the test VM
 ADVISE_STEP = 8 << 20
@@ -137,33 +135,10 @@ def _segments(src: SafetensorsFile, ops: dict[str, list[Op]]) -> list[tuple[int,
     return out
 
 
-def _patch_blocked(stored: torch.Tensor, factors: list, work: torch.Tensor) -> None:
-    """Cache-blocked form of the same math: a band of rows at a time is widened to fp32 (in
-    ``work``), gets every update of the band through the primitive, and is rounded back. Rows are
-    independent, so the result equals the whole-tensor path; the fp32 band stays in cache."""
-    rows = stored.shape[0]
-    s2 = stored.view(rows, -1)
-    band = max(1, BAND_ELEMENTS // max(1, s2.shape[1]))
-    for r0 in range(0, rows, band):
-        r1 = min(rows, r0 + band)
-        w = work[: (r1 - r0) * s2.shape[1]].view(r1 - r0, -1).copy_(s2[r0:r1])
-        for a, b, up, down, scale, _op in factors:
-            lo, hi = max(a, r0), min(b, r1)
-            if lo < hi:
-                lowrank_update_(w[lo - r0 : hi - r0], up[lo - a : hi - a], down, scale)
-        s2[r0:r1].copy_(w)
-
-
 def _patch_tensor(stored: torch.Tensor, key: str, ops: list[Op], scale: float | None, *, device: torch.device,
-                  rounding: str, seed: int, work: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                  rounding: str, seed: int) -> tuple[torch.Tensor, int]:
     """Patch one stored tensor in place (every op in order, one rounding); returns it and the
-    number of fp8 elements that saturated. ``work`` is a reusable fp32 buffer for the CPU path,
-    so large tensors do not fault in fresh memory."""
-    if work is not None and device.type == "cpu" and scale is None and not is_fp8(stored.dtype):
-        factors = lowrank_segments(ops)
-        if factors is not None:
-            _patch_blocked(stored, factors, work)
-            return stored, 0
+    number of fp8 elements that saturated."""
     target = stored if device.type == "cpu" else stored.to(device)
     parts = whole(key, target)
     ups = updates(parts, ops, scale)
@@ -197,7 +172,6 @@ def _stream(src: SafetensorsFile, writer: _Writer, ops: dict[str, list[Op]], sca
     depth = max(2, min(PREFETCH, RING_BUDGET // cap // 2))
     behind = max(1, min(WRITE_BEHIND, RING_BUDGET // cap - depth - 1))
     ring = [torch.empty(cap, dtype=torch.uint8) for _ in range(depth + behind + 1)]
-    work = torch.empty(max([0] + [math.prod(i.shape) for i in touched]), dtype=torch.float32)
 
     advised = [0]
 
@@ -231,7 +205,7 @@ def _stream(src: SafetensorsFile, writer: _Writer, ops: dict[str, list[Op]], sca
                 reads.append(reader.submit(read, i + depth))
             if key is not None:
                 data, sat = _patch_tensor(data, key, ops[key], scales.get(key), device=device, rounding=rounding,
-                                          seed=seed, work=work)
+                                          seed=seed)
                 if sat:
                     saturated[key] = sat
             writes.append(out.submit(writer.write, begin, tensor_bytes(data)))
