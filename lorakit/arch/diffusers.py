@@ -67,29 +67,12 @@ def _unet_layout(shapes: Shapes) -> Layout:
         if any(p.startswith(f"up_blocks.{i}.upsamplers.0.") for p in paths):
             ldm.add(f"output_blocks.{i * (nres + 1) + nres}.{2 if has_attn else 1}.conv")
     table = unet.block_table(ldm)
-    inverse_children = {d: l for l, d in unet.RESNET_CHILDREN.items()}
-    inverse_top = {d: l for l, d in unet.TOP_LEVEL.items()}
-
-    def to_ldm(path: str) -> str | None:
-        if path in inverse_top:
-            return inverse_top[path]
-        for lp, dp, kind in table:
-            if path == dp and kind == "plain":
-                return lp
-            if path.startswith(dp + "."):
-                rest = path[len(dp) + 1:]
-                if kind == "resnet":
-                    rest = inverse_children.get(rest)
-                    if rest is None:
-                        return None
-                return f"{lp}.{rest}"
-        return None
 
     logical: Shapes = {}
     blocks: dict[str, list[Block]] = {}
     for key, shape in shapes.items():
         module, _, leaf = key.rpartition(".")
-        lp = to_ldm(module)
+        lp = unet.translate(module, table, to_diffusers=False)
         if lp is None:
             continue
         logical[f"{lp}.{leaf}"] = shape

@@ -73,19 +73,23 @@ def block_table(paths: set[str]) -> list[tuple[str, str, str]]:
     return table
 
 
-def ldm_to_diffusers(path: str, table: list[tuple[str, str, str]]) -> str | None:
-    if path in TOP_LEVEL:
-        return TOP_LEVEL[path]
+def translate(path: str, table: list[tuple[str, str, str]], *, to_diffusers: bool = True) -> str | None:
+    """An LDM module path as its diffusers path (or back, ``to_diffusers=False``); None if unmapped."""
+    top = TOP_LEVEL if to_diffusers else {d: l for l, d in TOP_LEVEL.items()}
+    children = RESNET_CHILDREN if to_diffusers else {d: l for l, d in RESNET_CHILDREN.items()}
+    if path in top:
+        return top[path]
     for ldm, diff, kind in table:
-        if path == ldm and kind == "plain":
-            return diff
-        if path.startswith(ldm + "."):
-            rest = path[len(ldm) + 1 :]
+        src, dst = (ldm, diff) if to_diffusers else (diff, ldm)
+        if path == src and kind == "plain":
+            return dst
+        if path.startswith(src + "."):
+            rest = path[len(src) + 1:]
             if kind == "resnet":
-                rest = RESNET_CHILDREN.get(rest)
+                rest = children.get(rest)
                 if rest is None:
                     return None
-            return f"{diff}.{rest}"
+            return f"{dst}.{rest}"
     return None
 
 
@@ -104,7 +108,7 @@ def build(shapes: dict[str, tuple[int, ...]], prefix: str) -> Component:
     for path in sorted(modules):
         target = Target(prefix + path + ".weight")
         names = [f"lora_unet_{underscored(path)}", f"diffusion_model.{path}"]
-        diff = ldm_to_diffusers(path, table)
+        diff = translate(path, table)
         if diff is not None:
             names += [f"lora_unet_{underscored(diff)}", f"lycoris_{underscored(diff)}", f"unet.{diff}", diff]
             proc = processor_form(diff)
@@ -119,4 +123,4 @@ def diffusers_names(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str
     params = [k[len(prefix) :] for k in shapes if k.startswith(prefix)]
     modules = {p.rsplit(".", 1)[0] for p in params if p.endswith(".weight")}
     table = block_table(modules)
-    return {m: d for m in sorted(modules) if (d := ldm_to_diffusers(m, table)) is not None}
+    return {m: d for m in sorted(modules) if (d := translate(m, table)) is not None}

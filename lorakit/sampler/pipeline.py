@@ -114,8 +114,27 @@ def _euler(model_fn, x: torch.Tensor, sig: torch.Tensor, bar: Progress) -> torch
     return x
 
 
+def _sample(denoise, cond: tuple, uncond: tuple | None, cfg: float, x: torch.Tensor, sig: torch.Tensor,
+            opt: Options) -> torch.Tensor:
+    """Euler over ``sig`` with CFG in denoised space (no negative pass when ``uncond`` is None)."""
+
+    def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        d_cond = denoise(x, s, cond)
+        if uncond is None:
+            return d_cond
+        d_uncond = denoise(x, s, uncond)
+        return d_uncond + (d_cond - d_uncond) * cfg
+
+    bar = Progress(opt.steps, "sampling", opt.progress, unit="steps")
+    try:
+        return _euler(model_fn, x, sig, bar)
+    finally:
+        bar.close()
+
+
 class SDPipeline:
     def __init__(self, ckpt: str, loras: list[LoraSpec], opt: Options) -> None:
+        self.tok = ClipTokenizer(find("clip", opt.tokenizers))  # before reading gigabytes
         sd = _read(ckpt, loras, opt.dtype)
         spec = detect({k: tuple(v.shape) for k, v in sd.items()}, ckpt)
         if spec.arch not in ("sd15", "sdxl"):
@@ -127,8 +146,6 @@ class SDPipeline:
         if not vae:
             raise SampleError(f"{ckpt}: no VAE (first_stage_model.*) in this checkpoint")
         self.vae = _build(AutoencoderKL, vae, dev, torch.float32)
-        folder = find("clip", opt.tokenizers)
-        self.tok = ClipTokenizer(folder)
         if self.arch == "sd15":
             self.clip_l = _build(CLIPText, _sub(sd, "cond_stage_model.transformer.text_model."), dev, dt,
                                  eos_id=self.tok.eos)
@@ -173,25 +190,15 @@ class SDPipeline:
                 eps = self.unet(inp, t.to(o.device), c[0], None if c[1] is None else c[1].to(o.dtype)).float().cpu()
             return x - eps * s
 
-        def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            d_cond = eps_denoise(x, s, cond)
-            if uncond is None:
-                return d_cond
-            d_uncond = eps_denoise(x, s, uncond)
-            return d_uncond + (d_cond - d_uncond) * cfg
-
-        bar = Progress(o.steps, "sampling", o.progress, unit="steps")
-        try:
-            x = _euler(model_fn, x, sig, bar)
-        finally:
-            bar.close()
-        return _decode(self.vae, x, self.latent, o.device)
+        return _decode(self.vae, _sample(eps_denoise, cond, uncond, cfg, x, sig, o), self.latent, o.device)
 
 
 class FluxPipeline:
     def __init__(self, unet: str, clip_l: str, t5: str, vae: str, loras: list[LoraSpec], opt: Options) -> None:
         self.opt = opt
         dev, dt = opt.device, opt.dtype
+        self.tok = ClipTokenizer(find("clip", opt.tokenizers))  # before reading gigabytes
+        self.t5tok = T5Tokenizer(find("t5", opt.tokenizers))
         sd = _read(unet, loras, dt)
         spec = detect({k: tuple(v.shape) for k, v in sd.items()}, unet)
         if spec.arch != "flux":
@@ -199,8 +206,6 @@ class FluxPipeline:
         prefix = spec.details["prefix"]
         self.dit = _build(Flux, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
                                  and not k.startswith("text_encoders.")}, dev, dt)
-        self.tok = ClipTokenizer(find("clip", opt.tokenizers))
-        self.t5tok = T5Tokenizer(find("t5", opt.tokenizers))
         self.clip_l = _build(CLIPText, _sub(_read(clip_l, loras, dt), "text_model."), dev, dt, eos_id=self.tok.eos)
         self.t5 = _build(T5Encoder, _read(t5, loras, dt), dev, dt)
         self.vae = _build(AutoencoderKL, _compute_weights(load_all(vae)[0], torch.float32), dev, torch.float32)
@@ -240,19 +245,7 @@ class FluxPipeline:
                 v = self.dit(img, ids, c[0], txt_ids, s.reshape(1).to(o.device), c[1], guidance)
             return x - unpack(v.float().cpu(), x.shape[2], x.shape[3]) * s
 
-        def model_fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            d_cond = v_denoise(x, s, cond)
-            if uncond is None:
-                return d_cond
-            d_uncond = v_denoise(x, s, uncond)
-            return d_uncond + (d_cond - d_uncond) * cfg
-
-        bar = Progress(o.steps, "sampling", o.progress, unit="steps")
-        try:
-            x = _euler(model_fn, x, sig, bar)
-        finally:
-            bar.close()
-        return _decode(self.vae, x, FLUX_LATENT, o.device)
+        return _decode(self.vae, _sample(v_denoise, cond, uncond, cfg, x, sig, o), FLUX_LATENT, o.device)
 
 
 def _decode(vae: AutoencoderKL, latent: torch.Tensor, fmt: LatentFormat, device: str) -> torch.Tensor:

@@ -34,6 +34,22 @@ def _causal(n: int, device: torch.device) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=device).triu(1)
 
 
+def _run_causal(layers: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final-norm output, hidden state before the last layer) of a causal text transformer."""
+    mask = _causal(x.shape[1], x.device)
+    before_last = x
+    for layer in layers:
+        before_last = x
+        x = layer(x, mask)
+    return final_norm(x), before_last if len(layers) > 1 else x
+
+
+def _mha(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    b, n, d = q.shape
+    q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+
+
 class _ClipMLP(nn.Module):
     def __init__(self, dim: int, inner: int, act: str, names: tuple[str, str]) -> None:
         super().__init__()
@@ -60,10 +76,7 @@ class _HFLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.layer_norm1(x)
         a = self.self_attn
-        b, n, d = h.shape
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (a.q_proj(h), a.k_proj(h), a.v_proj(h)))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
-        x = x + a.out_proj(o)
+        x = x + a.out_proj(_mha(a.q_proj(h), a.k_proj(h), a.v_proj(h), self.heads, mask))
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -84,16 +97,10 @@ class CLIPText(nn.Module):
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> ClipOutput:
-        n = ids.shape[1]
-        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:n]
-        mask = _causal(n, ids.device)
-        hidden = []
-        for layer in self.encoder.layers:
-            x = layer(x, mask)
-            hidden.append(x)
-        last = self.final_layer_norm(x)
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[: ids.shape[1]]
+        last, penultimate = _run_causal(self.encoder.layers, x, self.final_layer_norm)
         eos = (ids == self.eos_id).int().argmax(dim=1)
-        return ClipOutput(last, hidden[-2] if len(hidden) > 1 else hidden[-1], last[torch.arange(ids.shape[0]), eos])
+        return ClipOutput(last, penultimate, last[torch.arange(ids.shape[0]), eos])
 
 
 class _OpenClipBlock(nn.Module):
@@ -110,10 +117,7 @@ class _OpenClipBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
         q, k, v = F.linear(h, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, dim=-1)
-        b, n, d = h.shape
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d)
-        x = x + self.attn.out_proj(o)
+        x = x + self.attn.out_proj(_mha(q, k, v, self.heads, mask))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -134,16 +138,9 @@ class OpenCLIPText(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(shapes["text_projection"]))
 
     def forward(self, ids: torch.Tensor) -> ClipOutput:
-        n = ids.shape[1]
-        x = self.token_embedding(ids) + self.positional_embedding[:n]
-        mask = _causal(n, ids.device)
-        hidden = []
-        for blk in self.transformer.resblocks:
-            x = blk(x, mask)
-            hidden.append(x)
-        last = self.ln_final(x)
-        pooled = last[torch.arange(ids.shape[0]), ids.argmax(dim=1)] @ self.text_projection
-        return ClipOutput(last, hidden[-2] if len(hidden) > 1 else hidden[-1], pooled)
+        x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
+        last, penultimate = _run_causal(self.transformer.resblocks, x, self.ln_final)
+        return ClipOutput(last, penultimate, last[torch.arange(ids.shape[0]), ids.argmax(dim=1)] @ self.text_projection)
 
 
 class _T5Attention(nn.Module):
