@@ -174,17 +174,24 @@ def test_unet_diffusers_layout_against_diffusers_converter(zoo: Path, arch: str,
 
     cfg = json.loads((zoo / sidecar).read_text())["base_model"]["unet_config"]
     single = load_file(zoo / f"base/{arch}/{arch}_tiny_single_file.safetensors")
-    conv = sfu.convert_ldm_unet_checkpoint(single, dict(UNet2DConditionModel(**cfg).config))
+    # clones: the converter returns views of the checkpoint's tensors, and each side is patched on its own
+    conv = {k: v.clone() for k, v in sfu.convert_ldm_unet_checkpoint(single, dict(UNet2DConditionModel(**cfg).config)).items()}
     lay = layout({k: tuple(v.shape) for k, v in conv.items()})
     prefix = "model.diffusion_model."
-    unet = {k[len(prefix):]: v for k, v in single.items() if k.startswith(prefix)}
+    unet = {k[len(prefix):]: v.clone() for k, v in single.items() if k.startswith(prefix)}
     assert set(lay.shapes) == set(unet)
     for key in unet:
         assert torch.equal(_gather(lay, conv, key), unet[key]), key
+    module = UNet2DConditionModel(**cfg).to(next(iter(conv.values())).dtype)  # the file's fp16, like conv
+    module.load_state_dict(conv, strict=True)
+    before = {k: v.clone() for k, v in unet.items()}
     lorakit.patch(conv, [f"{zoo / lora}:0.8"], model_only=True)
     lorakit.patch(unet, [f"{zoo / lora}:0.8"], model_only=True)
+    assert len(same(unet, before)) >= 10  # the LoRA really changes tensors on both sides
     for key in unet:
         assert torch.equal(_gather(lay, conv, key), unet[key]), key
+    with lorakit.patch(module, [f"{zoo / lora}:0.8"], model_only=True):  # the diffusers nn.Module itself
+        assert same(module.state_dict(), conv) == []
 
 
 def test_patch_with_the_kernel_backend(zoo: Path) -> None:

@@ -179,10 +179,11 @@ def test_sd_sample_is_deterministic(zoo: Path, tmp_path: Path, arch: str) -> Non
     assert json.loads(text["lorakit"])["seed"] == 1
 
 
-def test_flux_sample_is_deterministic(zoo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("unet", ["flux1_tiny_dev_bfl", "flux1_tiny_dev_fp8_e4m3fn_scaled"])
+def test_flux_sample_is_deterministic(zoo: Path, tmp_path: Path, unet: str) -> None:
     toks = tiny_tokenizers(tmp_path / "tok")
     ae = tiny_ae(tmp_path / "ae.safetensors")
-    common = ["--unet", str(zoo / "base/flux/flux1_tiny_dev_bfl.safetensors"),
+    common = ["--unet", str(zoo / f"base/flux/{unet}.safetensors"),
               "--clip-l", str(zoo / "base/flux/clip_l_tiny.safetensors"),
               "--t5", str(zoo / "base/flux/t5xxl_tiny.safetensors"), "--vae", str(ae),
               "--prompt", "pixel_art", "--steps", "2", "--width", "64", "--tokenizers", str(toks)]
