@@ -6,9 +6,8 @@
 #   3. benchmarks/sample_gpu.py (SD1.5 / Flux.1-dev denoising it/s with random weights).
 # Results land in $OUT (or benchmarks/_work/gpu): pytest.txt, patch_gpu.{md,json}, sample_gpu.{txt,json}.
 #
-# Offline setup: before the run, `pip download -d benchmarks/_work/wheels safetensors click pytest`
-# (pure-python / abi3 wheels) and copy ../shared/zoo + ../shared/manifests to benchmarks/_work/ if
-# the device has no ../shared; pass benchmarks/_work as `carry`.
+# Offline setup: run benchmarks/prepare_gpu_carry.sh here first (wheels, zoo and manifests into
+# benchmarks/_work, about 90 MB), and pass benchmarks/_work as `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-benchmarks/_work/gpu}

@@ -68,6 +68,10 @@ def test_auto_picks_the_kernel_on_cuda() -> None:
 
 @pytest.mark.parametrize("case", SUCCESS, ids=[c["id"] for c in SUCCESS])
 def test_merge_device_cuda(case: dict, zoo: Path, tmp_path: Path) -> None:
+    needed = [case["base"], case["expect"]["output"]] + [lo["path"] for lo in case["loras"]]
+    missing = [p for p in needed if not (zoo / p).is_file()]
+    if missing:  # the device machine gets a zoo without SDXL (benchmarks/prepare_gpu_carry.sh)
+        pytest.skip(f"zoo files not carried to this machine: {', '.join(missing)}")
     out = tmp_path / "merged.safetensors"
     res = run(command(case, zoo, out, extra=("--device", "cuda")))
     assert res.exit_code == 0, res.output
