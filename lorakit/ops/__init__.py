@@ -161,14 +161,16 @@ def _interpreting() -> bool:
 
 
 def _why_not_triton(w: torch.Tensor, explicit: bool) -> str | None:
-    if (err := _triton_import_error()) is not None:
-        return err
+    # cheap checks first: a CPU merge should not pay for importing triton
+    interpret = w.device.type == "cpu" and explicit and _interpreting()
+    if w.device.type != "cuda" and not interpret:
+        return f"the weight is on {w.device.type}, the kernel needs a CUDA tensor"
     if w.dtype not in KERNEL_DTYPES:
         return f"no kernel for {w.dtype}"
-    if w.device.type == "cpu" and explicit and _interpreting():
+    if (err := _triton_import_error()) is not None:
+        return err
+    if interpret:
         return None  # TRITON_INTERPRET=1 and asked for by name: the kernel runs on CPU tensors (tests)
-    if w.device.type != "cuda":
-        return f"the weight is on {w.device.type}, the kernel needs a CUDA tensor"
     cap = torch.cuda.get_device_capability(w.device)
     if cap < MIN_CAPABILITY:
         return f"GPU compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
