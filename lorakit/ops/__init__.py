@@ -19,6 +19,7 @@ Backends are a table (``BACKENDS``): the Triton kernel on CUDA, the torch refere
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -71,6 +72,23 @@ class Update:
         return [(as_matrix(g.up), as_matrix(g.down), g.scale, g.rows or (0, rows)) for g in self.segments]
 
 
+def _prescaled(up: torch.Tensor, down: torch.Tensor, s32: torch.Tensor,
+               dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """fp32 factors, and the scale still to apply to ``t`` (None when folded in exactly).
+
+    A scale of 1 needs no multiply. A power-of-two scale can go into fp16 factors exactly: their
+    products are exact in fp32 and far from underflow, so ``up @ (s*down)`` is ``s * (up @ down)``
+    bit for bit, whatever the summation order. Saves one pass over every chunk."""
+    up32, down32 = up.to(dev, torch.float32), down.to(dev, torch.float32)
+    scale = float(s32)
+    if scale == 1.0:
+        return up32, down32, None
+    mantissa, _ = math.frexp(scale)
+    if abs(mantissa) == 0.5 and up.dtype == down.dtype == torch.float16 and 2.0 ** -100 < abs(scale) < 2.0 ** 100:
+        return up32, down32 * scale, None
+    return up32, down32, s32.to(dev)
+
+
 def _reference(u: Update, rounding: str, seed: int) -> None:
     view = as_matrix(u.w)
     if u.source is not None:
@@ -78,7 +96,7 @@ def _reference(u: Update, rounding: str, seed: int) -> None:
     rows, cols = view.shape
     dev = view.device
     # a segment whose fp32 scale is 0 is no update at all (adding 0 would turn -0.0 into +0.0)
-    segs = [(up.to(dev, torch.float32), down.to(dev, torch.float32), s32.to(dev), r) for up, down, s, r in u.matrices()
+    segs = [_prescaled(up, down, s32, dev) + (r,) for up, down, s, r in u.matrices()
             if (s32 := torch.tensor(s, dtype=torch.float32)) != 0]
     fp8 = is_fp8(view.dtype)
     in_place = view.dtype == torch.float32 and u.weight_scale is None
@@ -102,7 +120,7 @@ def _reference(u: Update, rounding: str, seed: int) -> None:
             if lo < hi:
                 t = t_buf[: (hi - lo) * cols].view(hi - lo, cols)
                 torch.mm(up[lo - r0:hi - r0], down, out=t)
-                v[lo - c0:hi - c0].add_(t.mul_(s))
+                v[lo - c0:hi - c0].add_(t if s is None else t.mul_(s))
         if not in_place:
             u.saturated += round_into(part, v, orig, rounding=rounding, seed=seed, key=u.key,
                                       index_offset=c0 * cols, scale=u.weight_scale)
