@@ -84,6 +84,13 @@ def test_prompt_chunks_and_weights() -> None:
     assert t.weights[0][1:1 + len(body)] == [1.0] * n + [1.3] * (len(body) - n)
     long = clip_tokens(tok, "word " * 100, pad=0)
     assert len(long.ids) == 2 and long.ids[1][1 + 25] == 49407 and long.ids[1][-1] == 0
+    word = "astronautically"  # 3 tokens: moved whole to the next chunk rather than split
+    straddle = clip_tokens(tok, "a " * 74 + word)
+    assert straddle.ids[0][75:] == [49407, 49407] and straddle.ids[1][1:5] == tok.encode(word) + [49407]
+    big = "x" * 40  # a word of >= 8 tokens fills the chunk and continues in the next
+    n = len(tok.encode(big))
+    split = clip_tokens(tok, "a " * 70 + big)
+    assert n >= 8 and split.ids[0][71:76] == tok.encode(big)[:5] and split.ids[1][1:n - 4] == tok.encode(big)[5:]
     assert parse_weights("a (b) ((c)) (d:0.5) \\(e\\)") == [("a ", 1.0), ("b", 1.1), (" ", 1.0),
                                                               ("c", pytest.approx(1.21)), (" ", 1.0), ("d", 0.5),
                                                               (" (e)", 1.0)]

@@ -6,8 +6,8 @@
 * T5 v1.1 (Flux's t5xxl): the Unigram ``tokenizer.json`` through the ``tokenizers`` library.
 
 Prompts are read the ComfyUI way: ``(text:1.2)`` weights a span, bare ``(text)`` multiplies by 1.1
-per level, ``\\(`` is a literal parenthesis. Encoded prompts come in chunks of ``BOS + 75 + EOS``
-(CLIP) padded as each encoder expects.
+per level, ``\\(`` is a literal parenthesis; words are tokenized one by one and packed into chunks
+of ``BOS + 75 + EOS`` (CLIP) without splitting short words, padded as each encoder expects.
 
 Where the data is looked for, in order: the ``path`` given (a folder with ``clip/`` and ``t5/``, or
 the files' own folder), ``$LORAKIT_TOKENIZERS``, a ComfyUI install (``$COMFYUI_PATH``, ``~/ComfyUI``,
@@ -229,23 +229,56 @@ class Tokens:
     weights: list[list[float]]
 
 
-def clip_tokens(tok: ClipTokenizer, prompt: str, *, pad: int | None = None, chunk: int = 75) -> Tokens:
-    """BOS + up to 75 tokens + EOS per chunk, padded to 77 with ``pad`` (default: EOS, as SD1.5 /
+MAX_WORD_TOKENS = 8  # a word of this many tokens may be split across chunks; shorter ones move whole
+
+
+def _words_as_tokens(encode, prompt: str, vocab: dict[str, int] | None = None) -> list[list[tuple[int, float]]]:
+    """ComfyUI's grouping: weighted spans split on spaces, each word tokenized on its own (a word
+    that is itself a vocabulary entry, ``word</w>``, is taken as that entry)."""
+    groups = []
+    for text, weight in parse_weights(prompt):
+        for word in text.replace("\n", " ").split(" "):
+            if word:
+                exact = vocab.get(word + "</w>") if vocab else None
+                groups.append([(t, weight) for t in ([exact] if exact is not None else encode(word))])
+    return groups
+
+
+def _chunks(groups: list[list[tuple[int, float]]], *, start: int | None, end: int, pad: int, length: int,
+            pad_to_length: bool = True, min_length: int = 0) -> Tokens:
+    """Fill chunks of ``length`` (start + tokens + end), moving a short word that would straddle a
+    chunk to the next one and splitting long words, as ComfyUI's tokenizer does."""
+    head = [] if start is None else [(start, 1.0)]
+    rows, row = [], list(head)
+    for group in groups:
+        large = len(group) >= MAX_WORD_TOKENS
+        while group:
+            if len(group) + len(row) > length - 1:
+                room = length - len(row) - 1
+                if large:
+                    row, group = row + group[:room], group[room:]
+                    rows.append(row + [(end, 1.0)])
+                else:
+                    rows.append(row + [(end, 1.0)] + ([(pad, 1.0)] * room if pad_to_length else []))
+                row = list(head)
+            else:
+                row, group = row + group, []
+    row.append((end, 1.0))
+    if pad_to_length:
+        row += [(pad, 1.0)] * (length - len(row))
+    row += [(pad, 1.0)] * (min_length - len(row))
+    rows.append(row)
+    return Tokens([[t for t, _ in r] for r in rows], [[w for _, w in r] for r in rows])
+
+
+def clip_tokens(tok: ClipTokenizer, prompt: str, *, pad: int | None = None, length: int = 77) -> Tokens:
+    """Chunks of BOS + up to 75 tokens + EOS, padded to 77 with ``pad`` (default: EOS, as SD1.5 /
     clip_l; SDXL's bigG pads with 0)."""
-    pad = tok.eos if pad is None else pad
-    flat = [(t, w) for text, w in parse_weights(prompt) for t in tok.encode(text.replace("\n", " "))]
-    rows = [flat[i:i + chunk] for i in range(0, len(flat), chunk)] or [[]]
-    ids, weights = [], []
-    for row in rows:
-        ids.append([tok.bos] + [t for t, _ in row] + [tok.eos] + [pad] * (chunk - len(row)))
-        weights.append([1.0] + [w for _, w in row] + [1.0] * (chunk + 1 - len(row)))
-    return Tokens(ids, weights)
+    return _chunks(_words_as_tokens(tok.encode, prompt, tok.vocab), start=tok.bos, end=tok.eos,
+                   pad=tok.eos if pad is None else pad, length=length)
 
 
 def t5_tokens(tok: T5Tokenizer, prompt: str, *, min_length: int = 256) -> Tokens:
-    """Prompt tokens, then </s>, padded with 0 to ``min_length`` (ComfyUI's Flux T5 input)."""
-    flat = [(t, w) for text, w in parse_weights(prompt) for t in tok.encode(text)]
-    ids = [t for t, _ in flat] + [tok.eos]
-    weights = [w for _, w in flat] + [1.0]
-    n = max(min_length, len(ids))
-    return Tokens([ids + [tok.pad] * (n - len(ids))], [weights + [1.0] * (n - len(weights))])
+    """Prompt tokens, then </s>, padded with 0 to ``min_length`` (ComfyUI's Flux T5 input): one chunk."""
+    return _chunks(_words_as_tokens(tok.encode, prompt), start=None, end=tok.eos, pad=tok.pad, length=1 << 30,
+                   pad_to_length=False, min_length=min_length)
