@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear, timestep_embedding
+from .layers import Linear, RMSNorm, timestep_embedding
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -74,20 +74,10 @@ class MLPEmbedder(nn.Module):
         return self.out_layer(F.silu(self.in_layer(x)))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale.to(x.dtype)
-
-
 class QKNorm(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.query_norm, self.key_norm = RMSNorm(dim), RMSNorm(dim)
+        self.query_norm, self.key_norm = RMSNorm(dim, "scale"), RMSNorm(dim, "scale")
 
 
 class SelfAttention(nn.Module):

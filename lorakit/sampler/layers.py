@@ -51,3 +51,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain, in fp32 (eps 1e-6); the gain is called ``scale`` in BFL Flux, ``weight`` in T5."""
+
+    def __init__(self, dim: int, param: str = "weight") -> None:
+        super().__init__()
+        self.param = param
+        self.register_parameter(param, nn.Parameter(torch.ones(dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        gain = getattr(self, self.param)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * gain.to(x.dtype)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+from .layers import Linear, RMSNorm
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -160,28 +160,18 @@ class _T5Attention(nn.Module):
         return self.o(out)
 
 
-class T5LayerNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.weight.to(x.dtype)
-
-
 class _T5Block(nn.Module):
     def __init__(self, dim: int, inner: int, ff: int, heads: int, buckets: int | None) -> None:
         super().__init__()
         attn = nn.Module()
         attn.SelfAttention = _T5Attention(dim, inner, heads, buckets)
-        attn.layer_norm = T5LayerNorm(dim)
+        attn.layer_norm = RMSNorm(dim)
         mlp = nn.Module()
         mlp.DenseReluDense = nn.Module()
         mlp.DenseReluDense.wi_0 = Linear(dim, ff, bias=False)
         mlp.DenseReluDense.wi_1 = Linear(dim, ff, bias=False)
         mlp.DenseReluDense.wo = Linear(ff, dim, bias=False)
-        mlp.layer_norm = T5LayerNorm(dim)
+        mlp.layer_norm = RMSNorm(dim)
         self.layer = nn.ModuleList([attn, mlp])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -217,7 +207,7 @@ class T5Encoder(nn.Module):
         self.encoder = nn.Module()
         self.encoder.block = nn.ModuleList(_T5Block(dim, inner, ff, heads, buckets if i == 0 else None)
                                            for i in range(_count(shapes, r"encoder\.block\.(\d+)\.")))
-        self.encoder.final_layer_norm = T5LayerNorm(dim)
+        self.encoder.final_layer_norm = RMSNorm(dim)
         self.buckets = buckets
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
