@@ -1,9 +1,10 @@
 """Triton kernels, shipped as ``lorakit.kernels``; the torch reference they match is ``lorakit.ops``.
 
-``grouped_update_(jobs, rounding=..., seed=...)`` is the launcher: it checks the jobs, builds the
-layer / segment / tile tables and launches one kernel per (W dtype, factor dtype, scaled) group;
-a whole model is usually one group, so one launch. No fallbacks here: ``lorakit.ops`` picks the
-backend.
+``GroupedLaunch(jobs, stochastic=...)`` is the launcher: it checks the jobs, builds the layer /
+segment / tile tables once per (W dtype, scaled) group and launches one kernel per group on every
+``run()`` (a whole model is usually one group, so one launch); ``set_scales`` rewrites only the scale
+table. The factors of a group share one dtype: fp16 or bf16 when all are, else fp32 (TF32x3).
+``grouped_update_`` is the one-shot form. No fallbacks here: ``lorakit.ops`` picks the backend.
 """
 
 from __future__ import annotations
