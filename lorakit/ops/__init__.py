@@ -1,12 +1,14 @@
 """The one primitive behind every merge and patch path, its torch reference, and backend choice.
 
-``update_many_(updates)`` does, for each update, ``W[rows] += sum_j scale_j * (up_j @ down_j)`` in
-place and rounds the result into W's dtype once; ``lowrank_update_`` is the one-update form.
+``update_many_(updates)`` does, for each update, ``W[rows_j] += scale_j * (up_j @ down_j)`` for
+every segment j in order and rounds the result into W's dtype once; ``lowrank_update_`` is the
+one-segment form, ``Prepared`` the reusable one (patch handles re-run it with new scales).
 The arithmetic, identical on every backend:
 
-    v = W[rows] (widened to fp32, times the per-tensor scale of scaled fp8)
-    for each (up, down, scale):  t = up @ down  (fp32 accumulation);  v = v + fp32(t * fp32(scale))
-    W[rows] = round(v)           (see ops.rounding)
+    v = W (widened to fp32, times the per-tensor scale of scaled fp8; or read from a backup)
+    for each segment (up, down, scale, rows), scale != 0:
+        t = up @ down (fp32 accumulation);  v[rows] = v[rows] + fp32(t * fp32(scale))
+    W = round(v)                 (see ops.rounding)
 
 The order of the k-sum inside ``up @ down`` is the one thing a backend chooses (BLAS, tensor
 cores): the products of 16-bit factors are exact in fp32, the sums are not, so two backends
@@ -28,8 +30,8 @@ import torch
 from ..errors import BackendUnavailable
 from .rounding import FP8, is_fp8, round_into, salt
 
-__all__ = ["Segment", "Update", "Prepared", "update_many_", "lowrank_update_", "round_into", "is_fp8", "FP8", "as_matrix", "BACKENDS",
-           "choose_backend"]
+__all__ = ["Segment", "Update", "Prepared", "update_many_", "lowrank_update_", "round_into", "is_fp8", "FP8",
+           "as_matrix", "BACKENDS", "choose_backend"]
 
 # elements per chunk of fp32 work when rounding whole tensors (bounds the temporaries)
 ROUND_CHUNK_ELEMENTS = 1 << 22
