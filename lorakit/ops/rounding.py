@@ -103,7 +103,9 @@ def round_into(
         dst.copy_(value)
         return 0
     changed = value != original
-    target = value / scale if scale is not None else value
+    # divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply, which
+    # is not IEEE division and would make GPU results differ from the CPU's and the kernel's
+    target = value / torch.tensor(scale, dtype=torch.float32, device=value.device) if scale is not None else value
     m = FP8[dst.dtype]
     saturated = int(((target.abs() > m) & changed).sum())
     if rounding == "stochastic":
