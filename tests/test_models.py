@@ -190,3 +190,27 @@ def _ae_shapes(c0: int, c1: int) -> dict[str, tuple[int, ...]]:
             "decoder.up.1.block.0.conv1.weight": (c1, c1, 3, 3), "decoder.up.1.block.1.conv1.weight": (c1, c1, 3, 3),
             "decoder.up.1.upsample.conv.weight": (c1, c1, 3, 3),
             "decoder.up.0.block.0.conv1.weight": (c0, c1, 3, 3), "decoder.up.0.block.1.conv1.weight": (c0, c0, 3, 3)}
+
+
+REAL_LAYOUTS = [("sd15_v1-5-pruned-emaonly.json", "model.diffusion_model.", UNet),
+                ("sdxl_base_1.0.json", "model.diffusion_model.", UNet),
+                ("sd15_v1-5-pruned-emaonly.json", "cond_stage_model.transformer.text_model.", CLIPText),
+                ("sdxl_base_1.0.json", "conditioner.embedders.0.transformer.text_model.", CLIPText),
+                ("sdxl_base_1.0.json", "conditioner.embedders.1.model.", OpenCLIPText),
+                ("sd15_v1-5-pruned-emaonly.json", "first_stage_model.", AutoencoderKL),
+                ("sdxl_base_1.0.json", "first_stage_model.", AutoencoderKL),
+                ("flux1-dev.json", "", Flux), ("flux_ae.json", "", AutoencoderKL),
+                ("clip_l.json", "text_model.", CLIPText), ("t5xxl.json", "", T5Encoder)]
+
+
+@pytest.mark.parametrize("manifest, prefix, cls", REAL_LAYOUTS, ids=[f"{m}:{c.__name__}" for m, _, c in REAL_LAYOUTS])
+def test_real_file_layouts(manifests: Path, manifest: str, prefix: str, cls) -> None:
+    """Built (on the meta device) from the real files' key -> shape lists, each module has exactly
+    their parameters with their shapes (less the stored non-parameters the loader drops)."""
+    from lorakit.sampler.pipeline import DROP
+
+    m = json.loads((manifests / manifest).read_text())
+    shapes = {k[len(prefix):]: tuple(v[0]) for k, v in m.items() if k.startswith(prefix) and not k.endswith(DROP)}
+    with torch.device("meta"):
+        model = cls(shapes)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes

@@ -32,7 +32,9 @@ from .tokenize import ClipTokenizer, T5Tokenizer, Tokens, clip_tokens, find, t5_
 from .unet import UNet
 from .vae import FLUX_LATENT, SD15_LATENT, SDXL_LATENT, AutoencoderKL, LatentFormat
 
-DROP = ("embeddings.position_ids", "logit_scale")  # stored but not parameters (position ids are rebuilt)
+# stored but not parameters: CLIP position ids (rebuilt; some merges hold bad floats there), OpenCLIP's
+# logit scale, and T5's tied copy of shared.weight
+DROP = ("embeddings.position_ids", "logit_scale", "encoder.embed_tokens.weight")
 
 
 class SampleError(LorakitError):
@@ -59,7 +61,7 @@ class Options:
 
 
 def _sub(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not k.endswith(DROP)}
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _compute_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -76,6 +78,7 @@ def _compute_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
 
 
 def _build(cls, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype, **kw):
+    sd = {k: v for k, v in sd.items() if not k.endswith(DROP)}
     model = cls({k: tuple(v.shape) for k, v in sd.items()}, **kw)
     model.load_state_dict(sd, strict=True)
     return model.to(device=device, dtype=dtype).eval()
