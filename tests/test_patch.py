@@ -100,6 +100,16 @@ def test_strict_failure_touches_nothing(zoo: Path) -> None:
     assert same(sd, original) == []
 
 
+def test_comfyui_internal_names(zoo: Path) -> None:
+    """ComfyUI's own model state dict says diffusion_model.X; it patches like the file's names."""
+    lora = [f"{zoo / 'flux/flux_aitoolkit_lora.safetensors'}:0.9"]
+    plain = load_file(zoo / "base/flux/flux1_tiny_dev_bfl.safetensors")
+    comfy = {f"diffusion_model.{k}": v.clone() for k, v in plain.items()}
+    lorakit.patch(plain, lora)
+    h = lorakit.patch(comfy, lora)
+    assert len(h.touched) > 10 and same({k[len("diffusion_model."):]: v for k, v in comfy.items()}, plain) == []
+
+
 def test_module_target(zoo: Path) -> None:
     """An nn.Module's parameters are patched in place (and restored) like its state dict."""
     sd = load_file(zoo / "base/flux/flux1_tiny_dev_bfl.safetensors")
