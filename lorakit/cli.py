@@ -254,7 +254,8 @@ def _render_check(d: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def sample(ckpt, unet, clip_l, t5, vae, loras, prompt, negative, steps, cfg, seed, sampler, scheduler, width, height,
            guidance, device, dtype, tokenizers, out, force, progress, as_json) -> None:
-    """Generate an image: SD1.5 / SDXL from CKPT, Flux.1 from --unet --clip-l --t5 --vae; PNG with its parameters."""
+    """Generate an image: SD1.5 / SDXL (or an all-in-one Flux.1 checkpoint) from CKPT, Flux.1 from
+    --unet --clip-l --t5 --vae; writes a PNG with its parameters."""
     import torch
 
     from .sampler import Options
@@ -264,10 +265,7 @@ def sample(ckpt, unet, clip_l, t5, vae, loras, prompt, negative, steps, cfg, see
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA device is available to torch here", 2)
-    if dtype == "auto":
-        dt = torch.float32 if device == "cpu" else (torch.float16 if ckpt else torch.bfloat16)
-    else:
-        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    dt = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     opt = Options(prompt, negative, steps, cfg, seed, sampler, scheduler, width, height, guidance, device, dt,
                   tokenizers, progress)
     report = _run(run_sample, out, opt, ckpt=ckpt, unet=unet, clip_l=clip_l, t5=t5, vae=vae,

@@ -13,7 +13,7 @@ import torch
 from .. import __version__
 from ..errors import OutputError
 from ..plan import LoraSpec
-from .pipeline import FluxPipeline, Options, SampleError, SDPipeline, describe
+from .pipeline import FluxPipeline, Options, SampleError, SDPipeline, describe, load
 from .png import save_png, to_rgb
 
 __all__ = ["sample", "Options", "SampleError"]
@@ -34,15 +34,16 @@ def sample(out: str | os.PathLike, opt: Options, *, ckpt: str | None = None, une
     if ckpt:
         if unet or clip_l or t5 or vae:
             raise SampleError("give a checkpoint, or --unet/--clip-l/--t5/--vae for Flux, not both")
-        pipe = SDPipeline(ckpt, list(loras), opt)
+        pipe = load(ckpt, list(loras), opt)
         files = {"checkpoint": ckpt}
-        width = opt.width or (512 if pipe.arch == "sd15" else 1024)
-        cfg = 8.0 if opt.cfg is None else opt.cfg
+        sd15 = isinstance(pipe, SDPipeline) and pipe.arch == "sd15"
+        width = opt.width or (512 if sd15 else 1024)
+        cfg = (8.0 if isinstance(pipe, SDPipeline) else 1.0) if opt.cfg is None else opt.cfg
     else:
         missing = [n for n, v in (("--unet", unet), ("--clip-l", clip_l), ("--t5", t5), ("--vae", vae)) if not v]
         if missing:
             raise SampleError(f"missing {', '.join(missing)}: Flux needs the transformer, CLIP-L, T5 and autoencoder files")
-        pipe = FluxPipeline(unet, clip_l, t5, vae, list(loras), opt)
+        pipe = FluxPipeline.from_files(unet, clip_l, t5, vae, list(loras), opt)
         files = {"unet": unet, "clip_l": clip_l, "t5": t5, "vae": vae}
         width = opt.width or 1024
         cfg = 1.0 if opt.cfg is None else opt.cfg

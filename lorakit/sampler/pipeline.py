@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..arch import detect
+from ..arch import ARCH_NAMES, detect
 from ..errors import LorakitError
-from ..io.safetensors import load_all
+from ..io.safetensors import SafetensorsFile, load_all
 from ..merge import SCALED_FP8_MARKER
 from ..ops import is_fp8
 from ..patch import patch
@@ -37,8 +37,43 @@ from .vae import FLUX_LATENT, SD15_LATENT, SDXL_LATENT, AutoencoderKL, LatentFor
 DROP = ("embeddings.position_ids", "logit_scale", "encoder.embed_tokens.weight")
 
 
+FLUX_EXTRAS = ("text_encoders.", "vae.", "first_stage_model.")  # not transformer weights
+FLUX_VAE_PREFIXES = ("vae.", "first_stage_model.")
+
+
 class SampleError(LorakitError):
     exit_code = 2
+
+
+def peek(path: str) -> tuple[str, str]:
+    """(architecture, denoiser key prefix) from the file's header alone: no tensor is read."""
+    with SafetensorsFile(path) as f:
+        spec = detect(f.shapes(), path)
+    return spec.arch, spec.details.get("prefix", "")
+
+
+def _resolve_dtype(opt: Options, arch: str) -> None:
+    if opt.dtype is None:
+        opt.dtype = torch.float32 if opt.device == "cpu" else (torch.bfloat16 if arch == "flux" else torch.float16)
+
+
+def _tokenizers_first(opt: Options, *kinds: str) -> None:
+    """Fail on missing tokenizer data before reading gigabytes of weights."""
+    for kind in kinds:
+        find(kind, opt.tokenizers)
+
+
+def load(ckpt: str, loras: list[LoraSpec], opt: Options) -> SDPipeline | FluxPipeline:
+    """The pipeline for one checkpoint file: SD1.5 / SDXL, or Flux.1 with its encoders and VAE inside."""
+    arch, prefix = peek(ckpt)
+    if arch not in ("sd15", "sdxl", "flux"):
+        raise SampleError(f"{ckpt}: a {ARCH_NAMES.get(arch, arch)} file is not a checkpoint to sample from")
+    _tokenizers_first(opt, "clip", *(["t5"] if arch == "flux" else []))
+    _resolve_dtype(opt, arch)
+    sd = _read(ckpt, loras, opt.dtype)
+    if arch == "flux":
+        return FluxPipeline.from_checkpoint(ckpt, sd, prefix, opt)
+    return SDPipeline(ckpt, sd, arch, prefix, opt)
 
 
 @dataclass
@@ -54,7 +89,7 @@ class Options:
     height: int | None = None
     guidance: float = 3.5  # Flux.1-dev FluxGuidance
     device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # None: fp32 on the CPU; on a GPU fp16 for SD, bf16 for Flux
     tokenizers: str | None = None
     progress: bool | None = None
     notes: list[str] = field(default_factory=list)
@@ -136,15 +171,11 @@ def _sample(denoise, cond: tuple, uncond: tuple | None, cfg: float, x: torch.Ten
 
 
 class SDPipeline:
-    def __init__(self, ckpt: str, loras: list[LoraSpec], opt: Options) -> None:
-        self.tok = ClipTokenizer(find("clip", opt.tokenizers))  # before reading gigabytes
-        sd = _read(ckpt, loras, opt.dtype)
-        spec = detect({k: tuple(v.shape) for k, v in sd.items()}, ckpt)
-        if spec.arch not in ("sd15", "sdxl"):
-            raise SampleError(f"{ckpt}: a {spec.name} file; for Flux give --unet, --clip-l, --t5 and --vae")
-        self.arch, self.opt = spec.arch, opt
+    def __init__(self, ckpt: str, sd: dict[str, torch.Tensor], arch: str, prefix: str, opt: Options) -> None:
+        self.arch, self.opt = arch, opt
+        self.tok = ClipTokenizer(find("clip", opt.tokenizers))
         dev, dt = opt.device, opt.dtype
-        self.unet = _build(UNet, _sub(sd, spec.details["prefix"]), dev, dt)
+        self.unet = _build(UNet, _sub(sd, prefix), dev, dt)
         vae = _sub(sd, "first_stage_model.")
         if not vae:
             raise SampleError(f"{ckpt}: no VAE (first_stage_model.*) in this checkpoint")
@@ -197,22 +228,48 @@ class SDPipeline:
 
 
 class FluxPipeline:
-    def __init__(self, unet: str, clip_l: str, t5: str, vae: str, loras: list[LoraSpec], opt: Options) -> None:
+    """``parts``: the transformer (BFL names), CLIP-L (``text_model.*``), T5 (``encoder.*``, ``shared``)
+    and autoencoder (``encoder.*`` / ``decoder.*``) state dicts, in the compute dtype."""
+
+    def __init__(self, parts: dict[str, dict[str, torch.Tensor]], opt: Options) -> None:
         self.opt = opt
         dev, dt = opt.device, opt.dtype
-        self.tok = ClipTokenizer(find("clip", opt.tokenizers))  # before reading gigabytes
+        self.tok = ClipTokenizer(find("clip", opt.tokenizers))
         self.t5tok = T5Tokenizer(find("t5", opt.tokenizers))
-        sd = _read(unet, loras, dt)
-        spec = detect({k: tuple(v.shape) for k, v in sd.items()}, unet)
-        if spec.arch != "flux":
-            raise SampleError(f"{unet}: --unet must be a Flux.1 transformer, this is {spec.name}")
-        prefix = spec.details["prefix"]
-        self.dit = _build(Flux, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
-                                 and not k.startswith("text_encoders.")}, dev, dt)
-        self.clip_l = _build(CLIPText, _sub(_read(clip_l, loras, dt), "text_model."), dev, dt, eos_id=self.tok.eos)
-        self.t5 = _build(T5Encoder, _read(t5, loras, dt), dev, dt)
-        self.vae = _build(AutoencoderKL, _compute_weights(load_all(vae)[0], torch.float32), dev, torch.float32)
+        self.dit = _build(Flux, parts["unet"], dev, dt)
+        self.clip_l = _build(CLIPText, _sub(parts["clip_l"], "text_model."), dev, dt, eos_id=self.tok.eos)
+        self.t5 = _build(T5Encoder, parts["t5"], dev, dt)
+        self.vae = _build(AutoencoderKL, {k: v.float() for k, v in parts["vae"].items()}, dev, torch.float32)
         self.schedule = Flow(1.15) if self.dit.cfg.guidance else Flow(None, 1000)
+
+    @classmethod
+    def from_files(cls, unet: str, clip_l: str, t5: str, vae: str, loras: list[LoraSpec], opt: Options) -> FluxPipeline:
+        """The UNETLoader / DualCLIPLoader / VAELoader layout: one file each."""
+        _tokenizers_first(opt, "clip", "t5")
+        arch, prefix = peek(unet)
+        if arch != "flux":
+            raise SampleError(f"{unet}: --unet must be a Flux.1 transformer, this is {ARCH_NAMES.get(arch, arch)}")
+        _resolve_dtype(opt, arch)
+        sd = _read(unet, loras, opt.dtype)
+        parts = {"unet": {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
+                          and not k.startswith(FLUX_EXTRAS)},
+                 "clip_l": _read(clip_l, loras, opt.dtype), "t5": _read(t5, loras, opt.dtype),
+                 "vae": _compute_weights(load_all(vae)[0], torch.float32)}
+        return cls(parts, opt)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str, sd: dict[str, torch.Tensor], prefix: str, opt: Options) -> FluxPipeline:
+        """One file with everything (ComfyUI's Flux checkpoints): text encoders and VAE under their prefixes."""
+        parts = {"unet": {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
+                          and not k.startswith(FLUX_EXTRAS)},
+                 "clip_l": _sub(sd, "text_encoders.clip_l.transformer."),
+                 "t5": _sub(sd, "text_encoders.t5xxl.transformer."),
+                 "vae": next((v for p in FLUX_VAE_PREFIXES if (v := _sub(sd, p))), {})}
+        missing = [n for n, d in parts.items() if not d]
+        if missing:
+            raise SampleError(f"{ckpt}: a Flux.1 file without {', '.join(missing)}; give --unet, --clip-l, --t5 "
+                              "and --vae instead")
+        return cls(parts, opt)
 
     def condition(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.opt.device
