@@ -1,7 +1,7 @@
 """Patch LoRAs into a live model (state dict or nn.Module) in place, with exact restore and hot swap.
 
     handle = lorakit.patch(unet, ["style.safetensors:0.8"])   # single-file or diffusers names
-    handle.set_strengths([0.5])                               # restore + re-patch, nothing reallocated
+    handle.set_strengths([0.5])                               # re-patch from the backup, one pass
     handle.restore()                                          # the original bits, from the backup
 
 The backup holds the touched tensors only (policy "gpu": a copy beside the weights, fastest

@@ -110,6 +110,27 @@ def test_comfyui_internal_names(zoo: Path) -> None:
     assert len(h.touched) > 10 and same({k[len("diffusion_model."):]: v for k, v in comfy.items()}, plain) == []
 
 
+def test_channels_last_and_transposed_weights(zoo: Path) -> None:
+    """Weights whose memory is not row-major (channels_last convs, transposed views) are patched
+    for real, with the same bits as contiguous ones, and restored exactly."""
+    base = zoo / "base/sd15/sd15_tiny_single_file.safetensors"
+    lora = [f"{zoo / 'kohya/sd15_kohya_locon.safetensors'}:0.9"]
+    plain, odd = load_file(base), load_file(base)
+    for k, v in odd.items():
+        if v.dim() == 4:
+            odd[k] = v.contiguous(memory_format=torch.channels_last)
+        elif v.dim() == 2 and v.shape[0] == v.shape[1]:
+            odd[k] = v.t().contiguous().t()  # same values, column-major memory
+    before = {k: v.clone() for k, v in odd.items()}
+    lorakit.patch(plain, lora)
+    h = lorakit.patch(odd, lora)
+    strided = [k for k in h.touched if not odd[k].is_contiguous()]
+    assert len(strided) > 10
+    assert same({k: v.contiguous() for k, v in odd.items()}, plain) == []
+    h.restore()
+    assert same({k: v.contiguous() for k, v in odd.items()}, {k: v.contiguous() for k, v in before.items()}) == []
+
+
 def test_module_target(zoo: Path) -> None:
     """An nn.Module's parameters are patched in place (and restored) like its state dict."""
     sd = load_file(zoo / "base/flux/flux1_tiny_dev_bfl.safetensors")

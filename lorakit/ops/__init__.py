@@ -224,18 +224,35 @@ class Prepared:
                  backend: str = "auto") -> None:
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"unknown rounding mode {rounding!r}")
-        by_backend: dict[str, tuple[Backend, list[Update]]] = {}
+        # weights not laid out row-major (channels_last convs, transposed views) are patched in a
+        # contiguous stand-in and copied back: reshaping them would silently patch a copy
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._work = []
         for u in updates:
+            w = u.w
+            if not w.is_contiguous():
+                w = torch.empty(u.w.shape, dtype=u.w.dtype, device=u.w.device)
+                self._staged.append((u.w, w))
+            src = u.source if u.source is None or u.source.is_contiguous() else u.source.contiguous()
+            self._work.append(u if w is u.w and src is u.source else Update(w, u.segments, u.key, u.weight_scale, src))
+        by_backend: dict[str, tuple[Backend, list[Update]]] = {}
+        for u in self._work:
             b = choose_backend(u.w, backend)
             by_backend.setdefault(b.name, (b, []))[1].append(u)
         self.updates = updates
         self.runs = [b.prepare(us, rounding, seed) for b, us in by_backend.values()]
 
     def run(self) -> None:
-        for u in self.updates:
+        for u in self._work:
             u.saturated = 0
+        for original, stand_in in self._staged:
+            stand_in.copy_(original)
         for r in self.runs:
             r.run()
+        for original, stand_in in self._staged:
+            original.copy_(stand_in)
+        for u, w in zip(self.updates, self._work):
+            u.saturated = w.saturated
 
     def rescaled(self) -> None:
         for r in self.runs:
