@@ -27,7 +27,7 @@ from .errors import BackendUnavailable, OutputError
 from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
 from .engine import patch_generic_, updates, whole
-from .ops import is_fp8, update_many_
+from .ops import BACKENDS, is_fp8, update_many_
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
@@ -229,6 +229,10 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                     allow_nonfinite=allow_nonfinite)
     _check_output(base_p, out_p, force=force, in_place=in_place)
     dev = _resolve_device(device)
+    if dev.type == "cuda":  # say once why the kernel is not used, if it is not
+        why = BACKENDS[0].unavailable(torch.empty(1, dtype=torch.float16, device=dev))
+        if why:
+            the_plan.notes.append(f"the Triton kernel is not used ({why}); patching with torch on the GPU")
     t0 = time.monotonic()
     with SafetensorsFile(base_p) as src:
         scales = _fp8_scales(src, the_plan.ops)
