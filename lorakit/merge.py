@@ -230,7 +230,8 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
     _check_output(base_p, out_p, force=force, in_place=in_place)
     dev = _resolve_device(device)
     if dev.type == "cuda":  # say once why the kernel is not used, if it is not
-        why = BACKENDS[0].unavailable(torch.empty(1, dtype=torch.float16, device=dev))
+        kernel = next(b for b in BACKENDS if b.name == "triton")
+        why = kernel.unavailable(torch.empty(1, dtype=torch.float16, device=dev))
         if why:
             the_plan.notes.append(f"the Triton kernel is not used ({why}); patching with torch on the GPU")
     t0 = time.monotonic()
