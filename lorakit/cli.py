@@ -30,7 +30,7 @@ def _run(fn, *args, **kwargs):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorakit")
 def main() -> None:
-    """Merge LoRAs into SD1.5 / SDXL / Flux.1 checkpoints, exactly and in bounded memory."""
+    """Merge LoRAs into SD1.5 / SDXL / Flux.1 checkpoints exactly and in bounded memory; check merges; sample."""
 
 
 @main.command()
