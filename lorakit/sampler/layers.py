@@ -29,6 +29,15 @@ class Conv2d(nn.Conv2d):
         return y if self.delta is None else y + self.delta(x)
 
 
+def from_state_dict(cls, sd: dict[str, torch.Tensor], **kw) -> nn.Module:
+    """``cls(shapes)`` holding exactly the tensors of ``sd``: built on the meta device and assigned,
+    so no full-size default initialisation runs (minutes and a full fp32 copy for Flux)."""
+    with torch.device("meta"):
+        model = cls({k: tuple(v.shape) for k, v in sd.items()}, **kw)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
+
+
 def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 

@@ -25,7 +25,7 @@ from ..patch import patch
 from ..plan import LoraSpec
 from ..progress import Progress
 from .flux import Flux, pack, unpack
-from .layers import timestep_embedding
+from .layers import from_state_dict, timestep_embedding
 from .schedule import Discrete, Flow, sigmas
 from .text import CLIPText, OpenCLIPText, T5Encoder
 from .tokenize import ClipTokenizer, T5Tokenizer, Tokens, clip_tokens, find, t5_tokens
@@ -113,10 +113,8 @@ def _compute_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
 
 
 def _build(cls, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype, **kw):
-    sd = {k: v for k, v in sd.items() if not k.endswith(DROP)}
-    model = cls({k: tuple(v.shape) for k, v in sd.items()}, **kw)
-    model.load_state_dict(sd, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+    model = from_state_dict(cls, {k: v for k, v in sd.items() if not k.endswith(DROP)}, **kw)
+    return model.to(device=device, dtype=dtype)
 
 
 def _read(path: str, loras: list[LoraSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
