@@ -35,7 +35,6 @@ from .plan import LoraSpec, Op
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
                  torch.float8_e4m3fn: 2.0 ** -4, torch.float8_e5m2: 2.0 ** -3}
 BELOW_RESOLUTION = 0.3
-MODEL_MEMORY_FRACTION = 0.5  # run the model-level check when fp32 weights fit in this much RAM
 
 
 @dataclass
@@ -74,15 +73,30 @@ class CheckReport:
                 "fp8_saturated": self.saturated, "model": self.model, "notes": self.notes}
 
 
-def _effective(f: SafetensorsFile, key: str) -> tuple[torch.Tensor, float | None]:
-    """fp32 value of a stored tensor (scaled fp8: times its scale) and the scale."""
+def effective(f: SafetensorsFile, key: str) -> tuple[torch.Tensor, float | None, torch.Tensor]:
+    """fp32 value of a stored tensor (scaled fp8: times its scale), the scale, and the stored tensor."""
     t = f.get(key)
     scale = None
     if SCALED_FP8_MARKER in f.tensors and key.endswith(".weight") and is_fp8(t.dtype):
         skey = key[: -len("weight")] + "scale_weight"
         if skey in f.tensors:
             scale = float(f.get(skey).float().reshape(-1)[0])
-    return (t.float() * scale if scale is not None else t.float()), scale
+    return (t.float() * scale if scale is not None else t.float()), scale, t
+
+
+def reference(w32: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+    """base + the LoRAs' change, fp32, unrounded: lorakit's reference for one tensor."""
+    ref = w32.clone()
+    apply_ops(ref, ops)
+    return ref
+
+
+def own_merge(key: str, raw: torch.Tensor, scale: float | None, ops: list[Op], rounding: str,
+              seed: int) -> torch.Tensor:
+    """lorakit's merge of one stored tensor, in its stored dtype (what ``lorakit merge`` writes)."""
+    t = raw.clone()
+    patch_generic_(whole(key, t), ops, weight_scale=scale, rounding=rounding, seed=seed, device=torch.device("cpu"))
+    return t
 
 
 def _floor(dtype: torch.dtype, new: torch.Tensor, delta_norm: float, rounding: str) -> float:
@@ -110,13 +124,13 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
     try:
         fp8_any = any(is_fp8(src.tensors[k].torch_dtype) for k in the_plan.ops)
         mode = rounding or ("stochastic" if fp8_any else "nearest")
-        stored = _tensor_level(src, out, the_plan.ops, report, mode, seed)
+        _tensor_level(src, out, the_plan.ops, report, mode, seed)
         if out is not None:
             _untouched(src, out, set(the_plan.ops), report)
         if model_check:
             from .checkmodel import model_level
 
-            report.model = model_level(src, out, the_plan, stored, mode, seed, torch.device(device))
+            report.model = model_level(src, out, the_plan, mode, seed, torch.device(device))
         else:
             report.model = {"status": "skipped", "reason": "--no-model"}
     finally:
@@ -127,22 +141,16 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
 
 
 def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[str, list[Op]], report: CheckReport,
-                  rounding: str, seed: int) -> dict[str, torch.Tensor]:
-    """Per-tensor checks; returns the fp32 stored values of the touched tensors (for the model check)."""
-    stored_values: dict[str, torch.Tensor] = {}
+                  rounding: str, seed: int) -> None:
+    """Per-tensor checks, one tensor in memory at a time."""
     for key, key_ops in ops.items():
         info = src.tensors[key]
-        w32, scale = _effective(src, key)
-        ref = w32.clone()
-        apply_ops(ref, key_ops)
+        w32, scale, base_raw = effective(src, key)
+        ref = reference(w32, key_ops)
         d_ref = ref - w32
         if out is None:  # lorakit's own merge, in memory
-            stored_t = src.get(key).clone()
-            patch_generic_(whole(key, stored_t), key_ops, weight_scale=scale, rounding=rounding, seed=seed,
-                           device=torch.device("cpu"))
-            stored = stored_t.float() * scale if scale is not None else stored_t.float()
-            stored_dtype = stored_t.dtype
-            raw = stored_t
+            raw = own_merge(key, base_raw, scale, key_ops, rounding, seed)
+            stored = raw.float() * scale if scale is not None else raw.float()
         else:
             if key not in out.tensors:
                 report.problems.append(f"{out.name}: tensor {key} is missing")
@@ -150,20 +158,17 @@ def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[s
             if out.tensors[key].shape != info.shape:
                 report.problems.append(f"{out.name}: {key} has shape {out.tensors[key].shape}, BASE {info.shape}")
                 continue
-            stored, _ = _effective(out, key)
-            stored_dtype = out.tensors[key].torch_dtype
-            raw = out.get(key)
-        stored_values[key] = stored
+            stored, _, raw = effective(out, key)
         sat = 0
         if is_fp8(raw.dtype):
             top = FP8[raw.dtype]
-            sat = int((raw.float().abs() >= top).sum() - (src.get(key).float().abs() >= top).sum())
+            sat = int((raw.float().abs() >= top).sum() - (base_raw.float().abs() >= top).sum())
             if sat > 0:
                 report.saturated[key] = sat
         d_stored = stored - w32
         dn = float(d_ref.norm())
         err = float((d_stored - d_ref).norm()) / max(dn, 1e-30) if dn > 0 else float(d_stored.norm() > 0)
-        floor = _floor(stored_dtype, ref, dn, rounding)
+        floor = _floor(raw.dtype, ref, dn, rounding)
         if err > 3 * floor + 1e-6:
             why = "no change stored" if float(d_stored.norm()) == 0 else (
                 f"stored change is {float(d_stored.norm()) / max(dn, 1e-30):.3g}x the reference size, "
@@ -172,14 +177,13 @@ def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[s
                 why += f"; {sat} values clipped at the fp8 limit (the change does not fit the format)"
             status = "FAIL"
         elif floor > BELOW_RESOLUTION:
-            status, why = "below-resolution", f"the change is below {stored_dtype} resolution"
+            status, why = "below-resolution", f"the change is below {raw.dtype} resolution"
         else:
             status, why = "ok", ""
-        report.tensors.append(TensorCheck(key, str(stored_dtype).replace("torch.", ""), err, floor, status, why))
+        report.tensors.append(TensorCheck(key, str(raw.dtype).replace("torch.", ""), err, floor, status, why))
         bad = int((~torch.isfinite(stored)).sum())
         if bad:
             report.nonfinite[key] = bad
-    return stored_values
 
 
 def _untouched(src: SafetensorsFile, out: SafetensorsFile, touched: set[str], report: CheckReport) -> None:

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import apply_ops, lowrank_segments, patch_generic_, whole
+from .check import effective, own_merge, reference
+from .engine import lowrank_segments
 from .io.safetensors import SafetensorsFile
 from .plan import Op, Plan
 from .sampler.flux import Flux, pack
-from .sampler.layers import Conv2d, Linear
+from .sampler.layers import Conv2d, Linear, from_state_dict
 from .sampler.unet import UNet
 
 OTHER_COMPONENTS = ("cond_stage_model.", "conditioner.", "first_stage_model.", "text_encoders.", "vae.")
@@ -36,12 +37,11 @@ def _denoiser(src: SafetensorsFile, arch: str, prefix: str) -> tuple[nn.Module, 
     """The model (fp32, base weights) and {file key: parameter name} for its tensors."""
     names = {k: k[len(prefix):] for k in src.order if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)}
     shapes = {n: src.tensors[k].shape for k, n in names.items()}
-    model = UNet(shapes) if arch in ("sd15", "sdxl") else Flux(shapes)
-    from .check import _effective  # the same fp32 view of stored values as the tensor check
-
-    state = {n: _effective(src, k)[0] for k, n in names.items() if n in model.state_dict()}
-    model.load_state_dict(state, strict=True)
-    return model.eval(), {k: n for k, n in names.items() if n in state}
+    cls = UNet if arch in ("sd15", "sdxl") else Flux
+    with torch.device("meta"):
+        wanted = set(cls(shapes).state_dict())
+    state = {n: effective(src, k)[0] for k, n in names.items() if n in wanted}
+    return from_state_dict(cls, state), {k: n for k, n in names.items() if n in state}
 
 
 def _inputs(model: nn.Module, gen: torch.Generator) -> dict:
@@ -65,7 +65,9 @@ def _branch(module: nn.Module, weight_ops: list[Op], d_weight: torch.Tensor | No
             d_bias: torch.Tensor | None):
     """y -> y + LoRA(x) for one Linear / Conv2d: the factors when every op is plain low-rank
     (applied to x, never merged), else the reference full delta."""
-    segs = lowrank_segments(weight_ops) if weight_ops else []
+    dev = module.weight.device
+    segs = [(r0, up.float().to(dev), down.float().to(dev), scale)
+            for r0, _r1, up, down, scale, _op in (lowrank_segments(weight_ops) or [])]
     conv = isinstance(module, nn.Conv2d)
 
     def place(out: torch.Tensor, part: torch.Tensor, r0: int) -> None:
@@ -79,15 +81,16 @@ def _branch(module: nn.Module, weight_ops: list[Op], d_weight: torch.Tensor | No
         shape = (x.shape[0], rows) if conv else (*x.shape[:-1], rows)
         out = None
         if segs:
-            for r0, _r1, up, down, scale, op in segs:
+            for r0, up, down, scale in segs:
                 if conv:
-                    z = F.conv2d(x, down.float().reshape(down.shape[0], *module.weight.shape[1:]), None,
+                    z = F.conv2d(x, down.reshape(down.shape[0], *module.weight.shape[1:]), None,
                                  module.stride, module.padding)
-                    part = F.conv2d(z, up.float().reshape(up.shape[0], -1, 1, 1)) * scale
+                    part = F.conv2d(z, up.reshape(up.shape[0], -1, 1, 1)) * scale
                 else:
-                    part = F.linear(F.linear(x, down.float()), up.float()) * scale
+                    part = F.linear(F.linear(x, down), up) * scale
                 if out is None:
-                    out = torch.zeros(shape + tuple(part.shape[2:]) if conv else shape, dtype=x.dtype)
+                    out = torch.zeros(shape + tuple(part.shape[2:]) if conv else shape, dtype=x.dtype,
+                                      device=x.device)
                 place(out, part, r0)
         elif d_weight is not None:
             out = (F.conv2d(x, d_weight, None, module.stride, module.padding) if conv
@@ -100,8 +103,10 @@ def _branch(module: nn.Module, weight_ops: list[Op], d_weight: torch.Tensor | No
     return delta
 
 
-def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Plan,
-                stored: dict[str, torch.Tensor], rounding: str, seed: int, device: torch.device) -> dict:
+def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Plan, rounding: str, seed: int,
+                device: torch.device) -> dict:
+    """Denoiser outputs: base, base + runtime LoRA branches, lorakit's merge, the merge under test.
+    Touched values are computed and loaded one tensor at a time, so memory stays at one fp32 model."""
     spec = the_plan.spec
     if spec.arch not in ("sd15", "sdxl", "flux"):
         return {"status": "skipped", "reason": f"no denoiser in a {spec.name} file"}
@@ -117,62 +122,57 @@ def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Pla
         model, names = _denoiser(src, spec.arch, prefix)
     except (KeyError, RuntimeError, ValueError) as e:
         return {"status": "skipped", "reason": f"lorakit's model code does not fit this file: {str(e)[:200]}"}
-    from .check import _effective
-
-    params = dict(model.named_parameters())
-    base_vals, ref_vals, ideal_vals = {}, {}, {}
-    for key, ops in touched.items():
-        w32, scale = _effective(src, key)
-        ref = w32.clone()
-        apply_ops(ref, ops)
-        base_vals[key], ref_vals[key] = w32, ref
-        if out is None:
-            ideal_vals[key] = stored[key]
-        else:
-            t = src.get(key).clone()
-            patch_generic_(whole(key, t), ops, weight_scale=scale, rounding=rounding, seed=seed,
-                           device=torch.device("cpu"))
-            ideal_vals[key] = t.float() * scale if scale is not None else t.float()
-    gen = torch.Generator().manual_seed(1234)
-    inputs = _inputs(model, gen)
+    model.to(device)
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+              for k, v in _inputs(model, torch.Generator().manual_seed(1234)).items()}
 
     def run() -> torch.Tensor:
         with torch.no_grad():
-            return model.to(device)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
-                                      for k, v in inputs.items()}).float().cpu()
+            return model(**inputs).float().cpu()
 
-    def load(values: dict[str, torch.Tensor]) -> None:
+    def load(key: str, value: torch.Tensor) -> None:
         with torch.no_grad():
-            for key, v in values.items():
-                params[names[key]].copy_(v.reshape(params[names[key]].shape))
+            params[names[key]].copy_(value.reshape(params[names[key]].shape))
+
+    def ref_delta(key: str) -> torch.Tensor:
+        w32 = effective(src, key)[0]
+        return reference(w32, touched[key]) - w32
 
     base_out = run()
-    # runtime: base weights + LoRA branches on Linear / Conv2d; other touched parameters (norm
-    # scales, ...) take their reference values directly
-    modules = dict(model.named_modules())
+    # runtime: base weights + LoRA branches on Linear / Conv2d (the factors themselves when plain
+    # low-rank); other touched parameters (norm scales, ...) take their reference values directly
     by_module: dict[str, dict[str, str]] = {}
     for key in touched:
         mod, _, leaf = names[key].rpartition(".")
         by_module.setdefault(mod, {})[leaf] = key
-    direct = {}
     for mod, leaves in by_module.items():
         m = modules[mod]
         if isinstance(m, (Linear, Conv2d)):
             wk, bk = leaves.get("weight"), leaves.get("bias")
-            m.delta = _branch(m, touched[wk] if wk else [],
-                              (ref_vals[wk] - base_vals[wk]) if wk else None,
-                              (ref_vals[bk] - base_vals[bk]) if bk else None)
+            w_ops = touched[wk] if wk else []
+            full = wk is not None and lowrank_segments(w_ops) is None
+            m.delta = _branch(m, w_ops, ref_delta(wk).to(device) if full else None,
+                              ref_delta(bk).to(device) if bk else None)
         else:
-            direct.update({k: ref_vals[k] for k in leaves.values()})
-    load(direct)
+            for key in leaves.values():
+                w32 = effective(src, key)[0]
+                load(key, reference(w32, touched[key]))
     runtime_out = run()
     for m in model.modules():
         if isinstance(m, (Linear, Conv2d)):
             m.delta = None
-    load(ideal_vals)
+    for key, ops in touched.items():  # lorakit's own merge: the best a stored dtype allows
+        _, scale, raw = effective(src, key)
+        merged = own_merge(key, raw, scale, ops, rounding, seed).float()
+        load(key, merged * scale if scale is not None else merged)
     ideal_out = run()
-    load({k: v for k, v in stored.items() if k in touched})
-    merged_out = run()
+    if out is None:
+        merged_out = ideal_out
+    else:
+        for key in touched:
+            load(key, effective(out, key)[0])
+        merged_out = run()
     effect, floor, diff = _rel(runtime_out, base_out), _rel(ideal_out, runtime_out), _rel(merged_out, runtime_out)
     status = "FAIL" if diff > 2 * floor + 1e-5 else ("below-resolution" if effect < 3 * floor else "ok")
     return {"status": status, "model": type(model).__name__, "lora_effect": effect, "merged_vs_runtime": diff,
