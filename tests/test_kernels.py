@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton kernel tests need triton (pip install 'lorakit[test]')")
+pytest.importorskip("triton", reason="triton is a Linux-only test extra (pip install 'lorakit[test]' on Linux)")
 
 from lorakit.errors import BackendUnavailable  # noqa: E402
 from lorakit.ops import Prepared, Segment, Update, choose_backend, update_many_  # noqa: E402

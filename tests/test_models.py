@@ -21,8 +21,8 @@ from lorakit.sampler.unet import UNet
 from lorakit.sampler.vae import AutoencoderKL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-diffusers = pytest.importorskip("diffusers", reason="model parity tests need diffusers (test extra)")
-transformers = pytest.importorskip("transformers", reason="model parity tests need transformers (test extra)")
+import diffusers  # noqa: E402  (test extras: a missing one is an error, not a skip)
+import transformers  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 
 TOL = 1e-5

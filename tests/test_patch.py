@@ -200,8 +200,8 @@ def test_flux_diffusers_patch_equals_bfl_patch(zoo: Path, lora: str) -> None:
 def test_unet_diffusers_layout_against_diffusers_converter(zoo: Path, arch: str, sidecar: str, lora: str) -> None:
     """diffusers' own LDM -> diffusers conversion of the zoo checkpoint, seen through lorakit's
     layout, gives back the single-file U-Net exactly; patching either layout changes the same bits."""
-    sfu = pytest.importorskip("diffusers.loaders.single_file_utils", reason="needs diffusers (test extra)")
     from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
 
     cfg = json.loads((zoo / sidecar).read_text())["base_model"]["unet_config"]
     single = load_file(zoo / f"base/{arch}/{arch}_tiny_single_file.safetensors")
@@ -228,7 +228,7 @@ def test_unet_diffusers_layout_against_diffusers_converter(zoo: Path, arch: str,
 def test_patch_with_the_kernel_backend(zoo: Path) -> None:
     """backend="triton" (the interpreter on CPU) through the whole patch path: every tensor within
     1 ulp of the reference patch, at most 0.1 % of elements differing (k-sum order, see ops)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="triton is a Linux-only test extra")
     base = zoo / "base/sd15/sd15_tiny_single_file.safetensors"
     lora = f"{zoo / 'kohya/sd15_kohya_lora.safetensors'}:0.7:0.3"
     ref, ker, original = load_file(base), load_file(base), load_file(base)
@@ -248,7 +248,7 @@ def test_patch_with_the_kernel_backend(zoo: Path) -> None:
 
 def test_hot_swap_with_the_kernel_backend(zoo: Path) -> None:
     """The kernel's one-pass re-patch from the backup equals a fresh kernel patch bit for bit."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="triton is a Linux-only test extra")
     base = zoo / "base/flux/flux1_tiny_dev_fp8_e4m3fn.safetensors"
     lora = zoo / "flux/flux_bfl_noprefix.safetensors"
     sd, fresh, original = load_file(base), load_file(base), load_file(base)
