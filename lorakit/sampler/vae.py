@@ -80,16 +80,30 @@ def _run_mid(mid: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(x)))
 
 
-def _levels(shapes: Shapes, side: str) -> list[list[tuple[int, int]]]:
-    """Per level, (in, out) channels of each resnet block, from the conv1 shapes."""
-    levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{side}\.\w+\.(\d+)\.block\.", k))})
-    out = []
-    for i in levels:
-        blocks = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{side}\.\w+\.{i}\.block\.(\d+)\.", k))})
-        kind = "down" if side == "encoder" else "up"
-        out.append([(shapes[f"{side}.{kind}.{i}.block.{j}.conv1.weight"][1], shapes[f"{side}.{kind}.{i}.block.{j}.conv1.weight"][0])
-                    for j in blocks])
+def _levels(shapes: Shapes, side: str) -> nn.ModuleList:
+    """``encoder.down.N`` / ``decoder.up.N``: resnet blocks sized from their conv1 shapes, then the
+    level's down- or upsampler when the file has one."""
+    kind, resample = ("down", "downsample") if side == "encoder" else ("up", "upsample")
+    out = nn.ModuleList()
+    for i in sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{side}\.{kind}\.(\d+)\.block\.", k))}):
+        p = f"{side}.{kind}.{i}"
+        js = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{re.escape(p)}\.block\.(\d+)\.", k))})
+        convs = [shapes[f"{p}.block.{j}.conv1.weight"] for j in js]
+        level = nn.Module()
+        level.block = nn.ModuleList(ResnetBlock(c[1], c[0]) for c in convs)
+        if f"{p}.{resample}.conv.weight" in shapes:
+            setattr(level, resample, _Resample(convs[-1][0], down=side == "encoder"))
+        out.append(level)
     return out
+
+
+def _run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    for blk in level.block:
+        h = blk(h)
+    for resample in ("downsample", "upsample"):
+        if hasattr(level, resample):
+            h = getattr(level, resample)(h)
+    return h
 
 
 class Encoder(nn.Module):
@@ -97,28 +111,17 @@ class Encoder(nn.Module):
         super().__init__()
         ci = shapes["encoder.conv_in.weight"]
         self.conv_in = nn.Conv2d(ci[1], ci[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        for i, blocks in enumerate(_levels(shapes, "encoder")):
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(a, b) for a, b in blocks)
-            if f"encoder.down.{i}.downsample.conv.weight" in shapes:
-                level.downsample = _Resample(blocks[-1][1], down=True)
-            self.down.append(level)
+        self.down = _levels(shapes, "encoder")
         c = shapes["encoder.norm_out.weight"][0]
         self.mid = _mid(c)
         self.norm_out = _norm(c)
-        co = shapes["encoder.conv_out.weight"]
-        self.conv_out = nn.Conv2d(c, co[0], 3, padding=1)
+        self.conv_out = nn.Conv2d(c, shapes["encoder.conv_out.weight"][0], 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for blk in level.block:
-                h = blk(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = _run_level(level, h)
+        return self.conv_out(F.silu(self.norm_out(_run_mid(self.mid, h))))
 
 
 class Decoder(nn.Module):
@@ -127,13 +130,7 @@ class Decoder(nn.Module):
         ci = shapes["decoder.conv_in.weight"]
         self.conv_in = nn.Conv2d(ci[1], ci[0], 3, padding=1)
         self.mid = _mid(ci[0])
-        self.up = nn.ModuleList()
-        for i, blocks in enumerate(_levels(shapes, "decoder")):
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(a, b) for a, b in blocks)
-            if f"decoder.up.{i}.upsample.conv.weight" in shapes:
-                level.upsample = _Resample(blocks[-1][1], down=False)
-            self.up.append(level)
+        self.up = _levels(shapes, "decoder")
         c = shapes["decoder.norm_out.weight"][0]
         self.norm_out = _norm(c)
         self.conv_out = nn.Conv2d(c, shapes["decoder.conv_out.weight"][0], 3, padding=1)
@@ -141,10 +138,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for level in reversed(self.up):  # up.{n-1} runs first: it is the lowest resolution
-            for blk in level.block:
-                h = blk(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _run_level(level, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
