@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .engine import apply_ops, patch_generic_, whole
 from .io.safetensors import SafetensorsFile
-from .merge import SCALED_FP8_MARKER, plan
+from .io import scaled_fp8
+from .merge import plan
 from .ops import FP8, is_fp8
 from .plan import LoraSpec, Op
 
@@ -77,10 +78,8 @@ def effective(f: SafetensorsFile, key: str) -> tuple[torch.Tensor, float | None,
     """fp32 value of a stored tensor (scaled fp8: times its scale), the scale, and the stored tensor."""
     t = f.get(key)
     scale = None
-    if SCALED_FP8_MARKER in f.tensors and key.endswith(".weight") and is_fp8(t.dtype):
-        skey = key[: -len("weight")] + "scale_weight"
-        if skey in f.tensors:
-            scale = float(f.get(skey).float().reshape(-1)[0])
+    if scaled_fp8.MARKER in f.tensors:
+        scale = scaled_fp8.weight_scale(key, t.dtype, lambda k: f.get(k) if k in f.tensors else None)
     return (t.float() * scale if scale is not None else t.float()), scale, t
 
 

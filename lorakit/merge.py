@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .arch import detect
 from .errors import BackendUnavailable, OutputError
+from .io import scaled_fp8
 from .io.safetensors import SafetensorsFile, build_header, tensor_bytes
 from .lora import load_lora
 from .engine import patch_generic_, updates, whole
@@ -31,7 +32,6 @@ from .ops import BACKENDS, is_fp8, update_many_
 from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
-SCALED_FP8_MARKER = "scaled_fp8"
 COPY_CHUNK = 16 << 20  # bytes per segment of untouched data
 PREFETCH = 4
 WRITE_BEHIND = 4
@@ -286,16 +286,11 @@ def _new_file_mode(keep_from: Path | None) -> int:
 
 
 def _fp8_scales(src: SafetensorsFile, ops: dict[str, list[Op]]) -> dict[str, float]:
-    """Per-layer ``scale_weight`` of ComfyUI scaled-fp8 checkpoints, for the touched weights."""
-    if SCALED_FP8_MARKER not in src.tensors:
+    """Per-layer scales of a ComfyUI scaled-fp8 checkpoint, for the touched weights."""
+    if scaled_fp8.MARKER not in src.tensors:
         return {}
-    scales = {}
-    for key in ops:
-        if key.endswith(".weight"):
-            skey = key[: -len("weight")] + "scale_weight"
-            if skey in src.tensors:
-                scales[key] = float(src.get(skey).float().reshape(-1)[0])
-    return scales
+    get = lambda k: src.get(k) if k in src.tensors else None  # noqa: E731
+    return {k: s for k in ops if (s := scaled_fp8.weight_scale(k, src.tensors[k].torch_dtype, get)) is not None}
 
 
 def _provenance(src: SafetensorsFile, loras: list[LoraSpec], the_plan: Plan, **options: object) -> dict:

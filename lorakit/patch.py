@@ -20,12 +20,12 @@ from .arch import detect
 from .arch.diffusers import Layout, layout
 from .engine import Part, patch_generic_, updates, whole
 from .errors import ArchitectureMismatch, LorakitError
+from .io import scaled_fp8
 from .lora import load_lora
 from .ops import Prepared, Update, is_fp8
 from .plan import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
 
 BACKUP_POLICIES = ("auto", "gpu", "cpu", "none")
-SCALE_SUFFIX = "scale_weight"  # ComfyUI scaled fp8: <layer>.scale_weight beside <layer>.weight
 GPU_BACKUP_HEADROOM = 1 << 30  # "auto" keeps at least this much GPU memory free after the backup
 
 
@@ -207,13 +207,6 @@ def _make_backup(touched: dict[str, torch.Tensor], policy: str) -> dict[str, tor
     return {k: t.to("cpu", copy=True).pin_memory() if pin else t.to("cpu", copy=True) for k, t in touched.items()}
 
 
-def _weight_scale(tensors: dict[str, torch.Tensor], key: str) -> float | None:
-    if not key.endswith(".weight") or not is_fp8(tensors[key].dtype):
-        return None
-    s = tensors.get(key[: -len("weight")] + SCALE_SUFFIX)
-    return None if s is None else float(s.float().reshape(-1)[0])
-
-
 def patch(target: object, loras: list[object], *, model_only: bool = False, backup: str = "auto",
           rounding: str | None = None, seed: int = 0, backend: str = "auto", allow_unmatched: bool = False,
           allow_nonfinite: bool = False) -> PatchHandle:
@@ -241,7 +234,7 @@ def patch(target: object, loras: list[object], *, model_only: bool = False, back
     for key, ops in the_plan.ops.items():
         if lay is None:
             parts = whole(key, tensors[key])
-            ws = _weight_scale(tensors, key)
+            ws = scaled_fp8.weight_scale(key, tensors[key].dtype, tensors.get)
         else:
             parts = [Part(b.key, tensors[b.key], b.rows, b.offset) for b in lay.blocks[key]]
             ws = None

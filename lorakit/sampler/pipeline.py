@@ -18,8 +18,8 @@ import torch
 
 from ..arch import ARCH_NAMES, detect
 from ..errors import LorakitError
+from ..io import scaled_fp8
 from ..io.safetensors import SafetensorsFile, load_all
-from ..merge import SCALED_FP8_MARKER
 from ..ops import is_fp8
 from ..patch import patch
 from ..plan import LoraSpec
@@ -103,11 +103,11 @@ def _compute_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[st
     """fp8 weights (scaled fp8: times their scale) in the compute dtype; everything else as is."""
     out = {}
     for k, v in sd.items():
-        if k.endswith("scale_weight") or k == SCALED_FP8_MARKER:
+        if scaled_fp8.is_scale_entry(k):
             continue
         if is_fp8(v.dtype):
-            scale = sd.get(k[: -len("weight")] + "scale_weight") if k.endswith(".weight") else None
-            v = v.float() * (float(scale.float().reshape(-1)[0]) if scale is not None else 1.0)
+            scale = scaled_fp8.weight_scale(k, v.dtype, sd.get)
+            v = v.float() * (1.0 if scale is None else scale)
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
 
