@@ -79,14 +79,16 @@ def _prescaled(up: torch.Tensor, down: torch.Tensor, s32: torch.Tensor,
     """fp32 factors, and the scale still to apply to ``t`` (None when folded in exactly).
 
     A scale of 1 needs no multiply. A power-of-two scale can go into fp16 factors exactly: their
-    products are exact in fp32 and far from underflow, so ``up @ (s*down)`` is ``s * (up @ down)``
-    bit for bit, whatever the summation order. Saves one pass over every chunk."""
+    products are exact in fp32 and every nonzero partial sum is a multiple of 2**-48, so with
+    2**-78 < |s| < 2**60 nothing scaled reaches the subnormal or overflow range and
+    ``up @ (s*down)`` is ``s * (up @ down)`` bit for bit, whatever the summation order. Saves one
+    pass over every chunk."""
     up32, down32 = up.to(dev, torch.float32), down.to(dev, torch.float32)
     scale = float(s32)
     if scale == 1.0:
         return up32, down32, None
     mantissa, _ = math.frexp(scale)
-    if abs(mantissa) == 0.5 and up.dtype == down.dtype == torch.float16 and 2.0 ** -100 < abs(scale) < 2.0 ** 100:
+    if abs(mantissa) == 0.5 and up.dtype == down.dtype == torch.float16 and 2.0 ** -78 < abs(scale) < 2.0 ** 60:
         return up32, down32 * scale, None
     return up32, down32, s32.to(dev)
 
