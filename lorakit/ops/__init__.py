@@ -163,10 +163,11 @@ class _TritonRun:
 class Backend:
     name: str
     prepare: object  # (updates, rounding, seed) -> an object with run() and rescaled()
+    why_not: object  # (w, explicit) -> the reason it cannot patch w, or None
 
     def unavailable(self, w: torch.Tensor, explicit: bool = False) -> str | None:
         """Why this backend cannot patch ``w`` (None: it can)."""
-        return _WHY[self.name](w, explicit)
+        return self.why_not(w, explicit)
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,8 +200,7 @@ def _why_not_triton(w: torch.Tensor, explicit: bool) -> str | None:
     return None
 
 
-_WHY = {"triton": _why_not_triton, "torch": lambda w, explicit: None}
-BACKENDS = [Backend("triton", _TritonRun), Backend("torch", _TorchRun)]
+BACKENDS = [Backend("triton", _TritonRun, _why_not_triton), Backend("torch", _TorchRun, lambda w, explicit: None)]
 
 
 def choose_backend(w: torch.Tensor, backend: str = "auto") -> Backend:
