@@ -19,7 +19,7 @@ import torch
 from ..arch import ARCH_NAMES, detect
 from ..errors import LorakitError
 from ..io import scaled_fp8
-from ..io.safetensors import SafetensorsFile, load_all
+from ..io.safetensors import SafetensorsFile
 from ..ops import is_fp8
 from ..patch import patch
 from ..plan import LoraSpec
@@ -117,9 +117,16 @@ def _build(cls, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype, **
     return model.to(device=device, dtype=dtype)
 
 
+def _tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a file, each read once into its own memory (no whole-file buffer: peak
+    memory stays at the file's size, not twice that)."""
+    with SafetensorsFile(path) as f:
+        return {k: f.get(k) for k in f.order}
+
+
 def _read(path: str, loras: list[LoraSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A whole file, with the LoRAs patched in (nothing is written), in the compute dtype."""
-    tensors, _, _ = load_all(path)
+    tensors = _tensors(path)
     if loras:
         patch(tensors, loras, backup="none")
     return _compute_weights(tensors, dtype)
@@ -252,7 +259,7 @@ class FluxPipeline:
         parts = {"unet": {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
                           and not k.startswith(FLUX_EXTRAS)},
                  "clip_l": _read(clip_l, loras, opt.dtype), "t5": _read(t5, loras, opt.dtype),
-                 "vae": _compute_weights(load_all(vae)[0], torch.float32)}
+                 "vae": _compute_weights(_tensors(vae), torch.float32)}
         return cls(parts, opt)
 
     @classmethod
