@@ -78,7 +78,7 @@ def bench_sd15(args, device: str) -> dict:
            "sigmas": len(sig) - 1}
     if args.diffusers:
         out["diffusers_it_s"] = _diffusers_sd15(args, device, x, t, ctx)
-    del unet
+    unet = None  # free the GPU memory before the diffusers model
     return out
 
 
@@ -107,7 +107,7 @@ def bench_flux(args, device: str) -> dict:
         rate, _ = steps_per_second(lambda: dit(img, ids, txt, txt_ids, t, y, g), args.steps, device)
     out = {"model": "Flux.1-dev transformer", "size": args.flux_size, "dtype": "bf16", "batch": 1,
            "lorakit_it_s": rate, "sigmas": len(sigmas(FLUX_DEV, args.steps)) - 1}
-    del dit
+    dit = None  # free the GPU memory before the diffusers model
     if args.diffusers:
         out["diffusers_it_s"] = _diffusers_flux(args, device, img, ids, txt, txt_ids, t, y, g)
     return out
