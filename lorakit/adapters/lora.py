@@ -8,7 +8,6 @@ from .base import Adapter, numel
 
 
 class LoRA(Adapter):
-    algo = "lora"
     required = frozenset({"up", "down"})
     optional = frozenset({"mid", "up_bias"})
 
@@ -42,7 +41,7 @@ class LoRA(Adapter):
         return self.alpha_over_rank()
 
     @property
-    def algo(self) -> str:  # type: ignore[override]
+    def algo(self) -> str:  # type: ignore[override]  # lora, locon or locon-tucker: read from the factors
         if "mid" in self.t:
             return "locon-tucker"
         return "locon" if self.t["down"].dim() == 4 and self.t["down"].shape[2:] != (1, 1) else "lora"

@@ -2,9 +2,9 @@
 
 Why not ``safetensors.safe_open``: it memory-maps the whole file, so every tensor read
 stays resident and a streamed 24 GB merge would show a 24 GB RSS. Here each tensor is
-read with ``pread`` into its own buffer and freed after use, the header is checked
-against the file size before anything is trusted, and untouched tensors are copied
-file-to-file (``copy_file_range``) without passing through Python at all.
+read with ``pread`` into its own buffer and freed after use, and the header is checked
+against the file size before anything is trusted. (The merge streams whole files through
+``io.stream`` instead.)
 """
 
 from __future__ import annotations
@@ -204,15 +204,21 @@ def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
         return tensors, dict(f.metadata), data
 
 
-def build_header(infos: list[TensorInfo], metadata: dict[str, str]) -> bytes:
-    """Serialize a header whose tensors keep the given offsets; padded to 8 bytes."""
+def build_header(infos: list[TensorInfo], metadata: dict[str, str], *, data_start_like: int | None = None,
+                 page: int = 4096) -> bytes:
+    """Serialize a header whose tensors keep the given offsets, padded with spaces (which JSON
+    ignores) so the data section starts 8-byte aligned, or, with ``data_start_like``, at the same
+    offset within a ``page`` as that one (lets a streamed copy write pages without shifting them)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
     for i in infos:
         header[i.key] = {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": [i.begin, i.end]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    if data_start_like is None:
+        raw += b" " * (-len(raw) % 8)
+    else:
+        raw += b" " * ((data_start_like - 8 - len(raw)) % page)
     return struct.pack("<Q", len(raw)) + raw
 
 
