@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,15 +33,19 @@ class LoraFile:
 def load_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA file completely (LoRAs are small) and classify it."""
     tensors, metadata, raw = load_all(path)
-    keys = list(tensors)
-    arch, source = formats.lora_arch(keys, metadata)
+    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while the keys are classified
+        digest = pool.submit(lambda: hashlib.sha256(raw).hexdigest())
+        keys = list(tensors)
+        arch, source = formats.lora_arch(keys, metadata)
+        family, peft = formats.family(keys), formats.peft_config(metadata)
+        sha256 = digest.result()
     return LoraFile(
         path=str(path),
         tensors=tensors,
         metadata=metadata,
-        sha256=hashlib.sha256(raw).hexdigest(),
-        family=formats.family(keys),
+        sha256=sha256,
+        family=family,
         arch=arch,
         arch_source=source,
-        peft=formats.peft_config(metadata),
+        peft=peft,
     )

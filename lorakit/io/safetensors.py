@@ -180,11 +180,14 @@ class SafetensorsFile:
         self.close()
 
 
-def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], bytes]:
-    """Read a whole (small) file once: tensors, metadata and its raw bytes (for hashing)."""
+def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str], bytearray]:
+    """Read a whole (small) file once: tensors (views into one buffer where their dtype's
+    alignment allows), metadata and its raw bytes (for hashing)."""
     name = str(path)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as fh:
+            data = bytearray(os.fstat(fh.fileno()).st_size)
+            got = fh.readinto(data)
     except FileNotFoundError:
         raise FileFormatError(f"{name}: file not found") from None
     except IsADirectoryError:
@@ -192,15 +195,21 @@ def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     except OSError as e:
         raise FileFormatError(f"{name}: cannot read ({e.strerror})") from None
     with SafetensorsFile(path) as f:
+        if got != len(data) or f.file_size != len(data):
+            raise FileFormatError(f"{name}: changed while being read")
         tensors = {}
         for key in f.order:
             info = f.tensors[key]
             start = f.data_start + info.begin
             if info.nbytes == 0:
                 tensors[key] = torch.empty(info.shape, dtype=info.torch_dtype)
+                continue
+            if start % DTYPES[info.dtype][1]:  # misaligned for its dtype: a copy of its own
+                chunk, start = bytearray(data[start: start + info.nbytes]), 0
             else:
-                chunk = bytearray(data[start : start + info.nbytes])
-                tensors[key] = torch.frombuffer(chunk, dtype=info.torch_dtype).reshape(info.shape)
+                chunk = data
+            tensors[key] = torch.frombuffer(chunk, dtype=info.torch_dtype, count=info.nbytes // DTYPES[info.dtype][1],
+                                            offset=start).reshape(info.shape)
         return tensors, dict(f.metadata), data
 
 
