@@ -224,3 +224,23 @@ def test_tensors_at_odd_offsets_merge_like_aligned_ones(tmp_path: Path, never_ca
         assert torch.equal(got.pop("zz_odd_byte"), torch.tensor([0x7F], dtype=torch.uint8))
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)) for k in want)
+
+
+def test_merge_where_the_filesystem_refuses_o_direct(tmp_path: Path, monkeypatch, never_cached) -> None:
+    """open(O_DIRECT) and fcntl(O_DIRECT) both refused, as on filesystems without direct I/O:
+    the merge runs buffered and writes the same file."""
+    want = _merge(SD15, tmp_path / "want.safetensors")
+    real_open, real_fcntl = os.open, stream.fcntl.fcntl
+
+    def no_direct_open(path, flags, *a, **k):
+        if flags & stream.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **k)
+
+    def no_direct_fcntl(fd, cmd, arg=0):
+        if cmd == stream.fcntl.F_SETFL and arg & stream.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fcntl(fd, cmd, arg)
+    monkeypatch.setattr(stream.os, "open", no_direct_open)
+    monkeypatch.setattr(stream.fcntl, "fcntl", no_direct_fcntl)
+    assert _merge(SD15, tmp_path / "got.safetensors") == want
