@@ -1,7 +1,8 @@
-"""Plan and stream a merge: BASE -> OUT, one base tensor in memory at a time.
+"""Plan and stream a merge: BASE -> OUT, a few 64 MB windows in memory at a time.
 
 OUT keeps BASE's keys, shapes, dtypes, tensor order and data offsets; only the header
-(metadata + a ``lorakit`` provenance entry) changes size. BASE is read as one sequential stream;
+(metadata + a ``lorakit`` provenance entry, padded to BASE's offset within a page) changes size.
+BASE is read as one sequential stream (``io.stream``: past the page cache where possible);
 untouched bytes pass through unchanged, touched tensors are patched in fp32, rounded once and
 written at their offsets. Everything goes to a temporary file beside OUT (same permissions a new
 file would get) that is fsynced and renamed only when complete.
@@ -118,7 +119,8 @@ def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[
 def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Progress, ops: dict[str, list[Op]],
             scales: dict[str, float], saturated: dict[str, int], *, device: torch.device, rounding: str,
             seed: int) -> None:
-    """One sequential read stream and one sequential write stream on two threads; patching in between.
+    """One sequential read stream (two reads in flight) and one sequential write stream on their
+    own threads; patching in between.
 
     Everything is read in file order (untouched bytes too) into a ring of reused page-aligned
     buffers, patched there and written from there. With PREFETCH windows read ahead and
@@ -126,7 +128,7 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
     memory stays at a few tensors whatever the file size.
     """
     windows = _windows(src, ops, WINDOW)
-    cap = Reader.buffer_bytes(max([WINDOW] + [src.tensors[k].nbytes for k in ops]))
+    cap = Reader.buffer_bytes(max(b - a for a, b, _ in windows) if windows else 0)
     depth = max(2, min(PREFETCH, RING_BUDGET // cap // 2))
     behind = max(1, min(WRITE_BEHIND, RING_BUDGET // cap - depth - 1))
     ring = [aligned_empty(cap) for _ in range(depth + behind + 1)]
