@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,19 +32,15 @@ class LoraFile:
 def load_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA file completely (LoRAs are small) and classify it."""
     tensors, metadata, raw = load_all(path)
-    with ThreadPoolExecutor(1) as pool:  # hashlib releases the GIL: hash while the keys are classified
-        digest = pool.submit(lambda: hashlib.sha256(raw).hexdigest())
-        keys = list(tensors)
-        arch, source = formats.lora_arch(keys, metadata)
-        family, peft = formats.family(keys), formats.peft_config(metadata)
-        sha256 = digest.result()
+    keys = list(tensors)
+    arch, source = formats.lora_arch(keys, metadata)
     return LoraFile(
         path=str(path),
         tensors=tensors,
         metadata=metadata,
-        sha256=sha256,
-        family=family,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        family=formats.family(keys),
         arch=arch,
         arch_source=source,
-        peft=peft,
+        peft=formats.peft_config(metadata),
     )

@@ -124,6 +124,12 @@ class Reader:
             os.close(self.direct_fd)
             self.direct_fd = -1
 
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class Writer:
     """Sequential writes to ``fd`` from offset 0; ``finish()`` before fsync."""
