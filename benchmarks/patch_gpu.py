@@ -204,7 +204,7 @@ def hot_swap(args, device: torch.device, backend: str) -> dict:
         path = os.path.join(tmp, "lora.safetensors")
         save_file(lora, path, {})
         t = time.perf_counter()
-        h = lorakit.patch(sd, [path], backend=backend, backup="gpu" if device.type == "cuda" else "auto")
+        h = lorakit.patch(sd, [path], backend=backend, backup="beside" if device.type == "cuda" else "auto")
         first_ms = (time.perf_counter() - t) * 1e3
 
     def single() -> None:

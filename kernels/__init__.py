@@ -1,7 +1,7 @@
 """Triton kernels, shipped as ``lorakit.kernels``; the torch reference they match is ``lorakit.ops``.
 
 ``GroupedLaunch(jobs, stochastic=...)`` is the launcher: it checks the jobs, builds the layer /
-segment / tile tables once per (W dtype, scaled) group and launches one kernel per group on every
+segment / tile tables once per (W kind, scaled) group and launches one kernel per group on every
 ``run()`` (a whole model is usually one group, so one launch); ``set_scales`` rewrites only the scale
 table. The factors of a group share one dtype: fp16 or bf16 when all are, else fp32 (TF32x3).
 ``grouped_update_`` is the one-shot form. No fallbacks here: ``lorakit.ops`` picks the backend.
@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import BF16, E4M3, E5M2, FP8_FORMATS, FP16, FP32, LAYER_COLS, SEG_COLS, grouped_lowrank_kernel
+from .lowrank import FP8_FORMATS, KINDS, LAYER_COLS, SEG_COLS, TILE_COLS, grouped_lowrank_kernel
 
-W_KINDS = {torch.float32: FP32, torch.float16: FP16, torch.bfloat16: BF16,
-           torch.float8_e4m3fn: E4M3, torch.float8_e5m2: E5M2}
+# the element dtype each W kind is stored in
+STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn,
+           "e5m2": torch.float8_e5m2}
 # dot operands: 16-bit factors go to the tensor cores as they are (their products are exact in the
 # fp32 accumulator); fp32 factors use the three-pass TF32 split, close to fp32 products
 F_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -29,14 +30,29 @@ BLOCK_M, BLOCK_N = 64, 128
 
 @dataclass
 class Job:
-    """One weight, as a contiguous 2-D [rows, cols] tensor (conv weights flattened)."""
+    """One weight, as a contiguous 2-D [rows, cols] tensor (conv weights flattened), stored as
+    ``kind`` (a key of ``KINDS``), with its per-tensor scale when scaled."""
 
     w: torch.Tensor
     # (up [r1 - r0, rank], down [rank, cols], scale, (r0, r1)): one LoRA on rows r0..r1 of w
     segments: list[tuple[torch.Tensor, torch.Tensor, float, tuple[int, int]]]
+    kind: str = "fp32"
     salt: int = 0  # mix32(seed ^ crc32(key)) for stochastic rounding
     weight_scale: float | None = None
     source: torch.Tensor | None = None  # read the original from here instead of w (re-patch from a backup)
+
+
+def launch_args(kind: str, factor_dtype: torch.dtype, *, scaled: bool, stochastic: bool, block: tuple[int, int],
+                rank: int) -> dict:
+    """The kernel's constexpr arguments and launch options for one group (shared by the launcher
+    and the ahead-of-time compile test, so both build the same variant)."""
+    code = KINDS[kind]
+    bias, mbits, top = FP8_FORMATS.get(code, (0, 0, 0.0))
+    bm, bn = block
+    return dict(W_KIND=code, FP8_BIAS=bias, FP8_MBITS=mbits, FP8_MAX=top, F_DTYPE=F_DTYPES[factor_dtype],
+                HAS_WSCALE=scaled, STOCHASTIC=stochastic, PRECISION=PRECISION[factor_dtype], BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_K=max(16, min(64, triton.next_power_of_2(rank))),
+                num_warps=8 if bm * bn >= 8192 else 4, enable_fp_fusion=False)
 
 
 def _factor_dtype(jobs: list[Job]) -> torch.dtype:
@@ -48,8 +64,8 @@ def _check(job: Job) -> None:
     w = job.w
     if w.dim() != 2 or not w.is_contiguous():
         raise ValueError(f"kernel jobs need a contiguous 2-D weight view, got shape {tuple(w.shape)}")
-    if w.dtype not in W_KINDS:
-        raise ValueError(f"no kernel for weight dtype {w.dtype}")
+    if STORAGE.get(job.kind) != w.dtype:
+        raise ValueError(f"no kernel for {job.kind!r} weights stored as {w.dtype}")
     src = job.source
     if src is not None and (src.shape != w.shape or src.dtype != w.dtype or src.device != w.device
                             or not src.is_contiguous()):
@@ -62,7 +78,7 @@ def _check(job: Job) -> None:
 
 
 class _Group:
-    """The tables and launch arguments of one (W dtype, scaled) group: built once, launched any
+    """The tables and launch arguments of one (W kind, scaled) group: built once, launched any
     number of times (a strength change only rewrites the scale table)."""
 
     def __init__(self, jobs: list[Job], stochastic: bool, block: tuple[int, int]) -> None:
@@ -85,20 +101,15 @@ class _Group:
             layer_scales.append(job.weight_scale or 1.0)
             tiles.append(_tiles(li, job, bm, bn))
         self.tiles = torch.cat(tiles).to(device=device, dtype=torch.int32).contiguous()
-        self.layers = torch.tensor(layers, dtype=torch.int64, device=device).reshape(-1, LAYER_COLS)
-        self.segs = torch.tensor(segs, dtype=torch.int64, device=device).reshape(-1, SEG_COLS)
+        self.layers = torch.tensor(layers, dtype=torch.int64, device=device).reshape(-1, LAYER_COLS.value)
+        self.segs = torch.tensor(segs, dtype=torch.int64, device=device).reshape(-1, SEG_COLS.value)
         # scales are rounded to fp32 here exactly as the reference rounds them
         self.seg_scales = torch.tensor(seg_scales, dtype=torch.float32, device=device)
         self.layer_scales = torch.tensor(layer_scales, dtype=torch.float32, device=device)
         self.saturated = torch.zeros(len(jobs), dtype=torch.int32, device=device)
         rank = max([up.shape[1] for j in jobs for up, _, _, _ in j.segments] + [1])
-        kind = W_KINDS[jobs[0].w.dtype]
-        bias, mbits, top = FP8_FORMATS.get(kind, (0, 0, 0.0))
-        self.args = dict(W_KIND=kind, FP8_BIAS=bias, FP8_MBITS=mbits, FP8_MAX=top, F_DTYPE=F_DTYPES[fdtype],
-                         HAS_WSCALE=jobs[0].weight_scale is not None, STOCHASTIC=stochastic,
-                         PRECISION=PRECISION[fdtype], BLOCK_M=bm, BLOCK_N=bn,
-                         BLOCK_K=max(16, min(64, triton.next_power_of_2(rank))),
-                         num_warps=8 if bm * bn >= 8192 else 4, enable_fp_fusion=False)
+        self.args = launch_args(jobs[0].kind, fdtype, scaled=jobs[0].weight_scale is not None, stochastic=stochastic,
+                                block=block, rank=rank)
 
     def launch(self) -> None:
         self.saturated.zero_()
@@ -117,18 +128,18 @@ def _tiles(layer: int, job: Job, bm: int, bn: int) -> torch.Tensor:
         if r0 < r1:
             need[r0 // bm:(r1 - 1) // bm + 1] = True
     grid = torch.cartesian_prod(need.nonzero().reshape(-1), torch.arange(math.ceil(cols / bn))).reshape(-1, 2)
-    return torch.cat([torch.full((grid.shape[0], 1), layer), grid], 1)
+    return torch.cat([torch.full((grid.shape[0], 1), layer), grid], 1).reshape(-1, TILE_COLS.value)
 
 
 class GroupedLaunch:
-    """Every job in one launch per (W dtype, scaled) group; reusable (``run`` again, ``set_scales``)."""
+    """Every job in one launch per (W kind, scaled) group; reusable (``run`` again, ``set_scales``)."""
 
     def __init__(self, jobs: list[Job], *, stochastic: bool, block: tuple[int, int] | None = None) -> None:
         by_group: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             _check(job)
             if job.segments and job.w.numel():
-                by_group.setdefault((job.w.dtype, job.weight_scale is not None), []).append(i)
+                by_group.setdefault((job.kind, job.weight_scale is not None), []).append(i)
         self.n = len(jobs)
         self.groups = [(idx, _Group([jobs[i] for i in idx], stochastic, block or (BLOCK_M, BLOCK_N)))
                        for idx in by_group.values()]

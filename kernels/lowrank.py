@@ -6,7 +6,7 @@ per-tensor scale of scaled fp8), adds every LoRA on that weight in order (``v = 
 and stores the tile. A tile table maps program ids to (layer, tile row, tile column), so every
 target of a model goes out in a single launch whatever its shape.
 
-The rounding is the spec of ``lorakit.ops.rounding``, written with integer arithmetic on the bit
+The rounding is the spec of ``lorakit.codecs.rounding``, written with integer arithmetic on the bit
 patterns (bf16 and fp8 encode/decode) rather than hardware conversions: the same code is exact on
 every GPU generation and under ``TRITON_INTERPRET=1``, whose own float conversions are not.
 """
@@ -16,16 +16,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# W kinds (constexpr): how the stored tile is decoded and encoded
-FP32, FP16, BF16, E4M3, E5M2 = 0, 1, 2, 3, 4
+# Constants the kernel reads must be constexpr globals; the launcher reads their ``.value``.
+# W kinds: how the stored tile is decoded and encoded; names as lorakit's codecs call them
+FP32, FP16, BF16, E4M3, E5M2 = (tl.constexpr(i) for i in range(5))
+KINDS = {"fp32": FP32.value, "fp16": FP16.value, "bf16": BF16.value, "e4m3": E4M3.value, "e5m2": E5M2.value}
 
-# Tables (int64, row-major), built by the launcher in lorakit.kernels:
+# Tables (int64, row-major), built by the launcher in lorakit.kernels. Column indices by name:
 #   layer row:   W address, source address (W itself, or a backup to re-patch from), rows, cols,
 #                first segment, end segment, salt
 #   segment row: up address, down address, rank, first row, end row   (one LoRA on rows of one weight)
 #   tile row (int32): layer, tile row, tile column
-LAYER_COLS = 7
-SEG_COLS = 5
+L_W, L_SRC, L_ROWS, L_COLS, L_SEG0, L_SEG1, L_SALT = (tl.constexpr(i) for i in range(7))
+LAYER_COLS = tl.constexpr(7)
+S_UP, S_DOWN, S_RANK, S_ROW0, S_ROW1 = (tl.constexpr(i) for i in range(5))
+SEG_COLS = tl.constexpr(5)
+T_LAYER, T_ROW, T_COL = (tl.constexpr(i) for i in range(3))
+TILE_COLS = tl.constexpr(3)
 
 
 @triton.jit
@@ -34,8 +40,8 @@ def _pow2(e):
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
-# fp8 formats: (exponent bias, mantissa bits, largest finite value), passed to the kernel as constexprs
-FP8_FORMATS = {E4M3: (7, 3, 448.0), E5M2: (15, 2, 57344.0)}
+# fp8 formats by kind: (exponent bias, mantissa bits, largest finite value), passed to the kernel as constexprs
+FP8_FORMATS = {E4M3.value: (7, 3, 448.0), E5M2.value: (15, 2, 57344.0)}
 
 
 @triton.jit
@@ -47,7 +53,7 @@ def _fp8_decode(bits, KIND: tl.constexpr, BIAS: tl.constexpr, MBITS: tl.constexp
     mf = mag & ((1 << MBITS) - 1)
     sig = tl.where(ef > 0, mf + (1 << MBITS), mf)
     val = sig.to(tl.float32) * _pow2(tl.maximum(ef, 1) - BIAS - MBITS)
-    if KIND == 3:  # e4m3fn: S.1111.111 is NaN, no infinities
+    if KIND == E4M3:  # e4m3fn: S.1111.111 is NaN, no infinities
         special = mag == 0x7F
     else:  # e5m2: exponent field all ones is inf / NaN
         special = ef == 31
@@ -129,17 +135,18 @@ def grouped_lowrank_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    layer = tl.load(tiles_ptr + pid * 3).to(tl.int64)
-    tm = tl.load(tiles_ptr + pid * 3 + 1).to(tl.int64)
-    tn = tl.load(tiles_ptr + pid * 3 + 2).to(tl.int64)
-    row = layers_ptr + layer * 7
-    w_addr = tl.load(row + 0)
-    src_addr = tl.load(row + 1)
-    rows = tl.load(row + 2)
-    cols = tl.load(row + 3)
-    seg0 = tl.load(row + 4)
-    seg1 = tl.load(row + 5)
-    salt = tl.load(row + 6).to(tl.uint32)
+    tile = tiles_ptr + pid * TILE_COLS
+    layer = tl.load(tile + T_LAYER).to(tl.int64)
+    tm = tl.load(tile + T_ROW).to(tl.int64)
+    tn = tl.load(tile + T_COL).to(tl.int64)
+    row = layers_ptr + layer * LAYER_COLS
+    w_addr = tl.load(row + L_W)
+    src_addr = tl.load(row + L_SRC)
+    rows = tl.load(row + L_ROWS)
+    cols = tl.load(row + L_COLS)
+    seg0 = tl.load(row + L_SEG0)
+    seg1 = tl.load(row + L_SEG1)
+    salt = tl.load(row + L_SALT).to(tl.uint32)
 
     offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -148,15 +155,15 @@ def grouped_lowrank_kernel(
     mask = in_m[:, None] & in_n[None, :]
     offs = offs_m[:, None] * cols + offs_n[None, :]  # W is a contiguous [rows, cols] view
 
-    if W_KIND == 0:
+    if W_KIND == FP32:
         w_ptr = w_addr.to(tl.pointer_type(tl.float32))
         raw = tl.load(src_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
         orig = raw
-    elif W_KIND == 1:
+    elif W_KIND == FP16:
         w_ptr = w_addr.to(tl.pointer_type(tl.float16))
         raw = tl.load(src_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0)
         orig = raw.to(tl.float32)
-    elif W_KIND == 2:
+    elif W_KIND == BF16:
         w_ptr = w_addr.to(tl.pointer_type(tl.uint16))
         raw = tl.load(src_addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
         orig = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
@@ -170,15 +177,15 @@ def grouped_lowrank_kernel(
 
     v = orig
     for s in range(seg0, seg1):
-        srow = segs_ptr + s * 5
-        r0 = tl.load(srow + 3)
-        r1 = tl.load(srow + 4)
+        srow = segs_ptr + s * SEG_COLS
+        r0 = tl.load(srow + S_ROW0)
+        r1 = tl.load(srow + S_ROW1)
         scale = tl.load(seg_scales_ptr + s)
         # segments at scale 0 are skipped (adding 0 would turn -0.0 into +0.0), as are those whose rows miss the tile
         if (tm * BLOCK_M < r1) & ((tm + 1) * BLOCK_M > r0) & (scale != 0.0):
-            up_ptr = tl.load(srow + 0).to(tl.pointer_type(F_DTYPE))
-            down_ptr = tl.load(srow + 1).to(tl.pointer_type(F_DTYPE))
-            rank = tl.load(srow + 2)
+            up_ptr = tl.load(srow + S_UP).to(tl.pointer_type(F_DTYPE))
+            down_ptr = tl.load(srow + S_DOWN).to(tl.pointer_type(F_DTYPE))
+            rank = tl.load(srow + S_RANK)
             in_seg = (offs_m >= r0) & (offs_m < r1)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, rank, BLOCK_K):
@@ -198,11 +205,11 @@ def grouped_lowrank_kernel(
         target = tl.math.div_rn(v, wscale)
     else:
         target = v
-    if W_KIND == 0:
+    if W_KIND == FP32:
         out = target
-    elif W_KIND == 1:
+    elif W_KIND == FP16:
         out = target.to(tl.float16)
-    elif W_KIND == 2:
+    elif W_KIND == BF16:
         out = _bf16_rtne(target)
     else:
         out = _round_fp8(target, changed, raw, salt, offs, W_KIND, FP8_BIAS, FP8_MBITS, FP8_MAX, STOCHASTIC)

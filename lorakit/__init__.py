@@ -1,19 +1,18 @@
-"""lorakit: merge and patch LoRAs into SD1.5, SDXL and Flux.1 checkpoints, exactly and in bounded memory."""
+"""lorakit: merge and patch LoRAs into diffusion-model checkpoints, exactly and in bounded memory."""
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     ArchitectureMismatch, BackendUnavailable, FileFormatError, LorakitError, NonFiniteError, OutputError,
-    UnmatchedKeysError,
+    UnmatchedKeysError, UsageError,
 )
-from .lora import LoraFile, load_lora  # noqa: E402
-from .merge import merge_file, plan  # noqa: E402
-from .ops import lowrank_update_  # noqa: E402
-from .patch import PatchHandle, patch  # noqa: E402
-from .plan import LoraSpec, parse_lora_arg  # noqa: E402
+from .lora import LoraFile, load_lora
+from .merge import merge_file, plan
+from .ops import lowrank_update_
+from .patch import PatchHandle, patch
+from .planner import LoraSpec, parse_lora_arg
 
 __all__ = [
-    "__version__", "load_lora", "LoraFile", "plan", "merge_file", "lowrank_update_", "patch", "PatchHandle", "LoraSpec", "parse_lora_arg",
-    "LorakitError", "FileFormatError", "ArchitectureMismatch", "UnmatchedKeysError", "NonFiniteError",
-    "OutputError", "BackendUnavailable",
+    "__version__", "load_lora", "LoraFile", "plan", "merge_file", "lowrank_update_", "patch", "PatchHandle",
+    "LoraSpec", "parse_lora_arg", "LorakitError", "UsageError", "FileFormatError", "ArchitectureMismatch",
+    "UnmatchedKeysError", "NonFiniteError", "OutputError", "BackendUnavailable",
 ]

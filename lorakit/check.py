@@ -26,15 +26,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .engine import apply_ops, patch_generic_, whole
-from .io.safetensors import SafetensorsFile
-from .io import scaled_fp8
+from .codecs import Codec, default_rounding
+from .checkmodel import model_level
+from .engine import own_merge, reference
+from .io.container import Container, open_container
 from .merge import plan
-from .ops import FP8, is_fp8
-from .plan import LoraSpec, Op
+from .planner import LoraSpec, Op
 
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
-                 torch.float8_e4m3fn: 2.0 ** -4, torch.float8_e5m2: 2.0 ** -3}
 BELOW_RESOLUTION = 0.3
 
 
@@ -74,33 +72,9 @@ class CheckReport:
                 "fp8_saturated": self.saturated, "model": self.model, "notes": self.notes}
 
 
-def effective(f: SafetensorsFile, key: str) -> tuple[torch.Tensor, float | None, torch.Tensor]:
-    """fp32 value of a stored tensor (scaled fp8: times its scale), the scale, and the stored tensor."""
-    t = f.get(key)
-    scale = None
-    if scaled_fp8.MARKER in f.tensors:
-        scale = scaled_fp8.weight_scale(key, t.dtype, lambda k: f.get(k) if k in f.tensors else None)
-    return (t.float() * scale if scale is not None else t.float()), scale, t
-
-
-def reference(w32: torch.Tensor, ops: list[Op]) -> torch.Tensor:
-    """base + the LoRAs' change, fp32, unrounded: lorakit's reference for one tensor."""
-    ref = w32.clone()
-    apply_ops(ref, ops)
-    return ref
-
-
-def own_merge(key: str, raw: torch.Tensor, scale: float | None, ops: list[Op], rounding: str,
-              seed: int) -> torch.Tensor:
-    """lorakit's merge of one stored tensor, in its stored dtype (what ``lorakit merge`` writes)."""
-    t = raw.clone()
-    patch_generic_(whole(key, t), ops, weight_scale=scale, rounding=rounding, seed=seed, device=torch.device("cpu"))
-    return t
-
-
-def _floor(dtype: torch.dtype, new: torch.Tensor, delta_norm: float, rounding: str) -> float:
-    u = UNIT_ROUNDOFF.get(dtype, 2.0 ** -24)
-    if is_fp8(dtype) and rounding == "stochastic":
+def _floor(codec: Codec, new: torch.Tensor, delta_norm: float, rounding: str) -> float:
+    u = codec.unit_roundoff
+    if codec.coarse and rounding == "stochastic":
         u *= math.sqrt(3.0)
     return u / math.sqrt(3.0) * float(new.norm()) / max(delta_norm, 1e-30)
 
@@ -118,17 +92,14 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
                                    f"(first: {', '.join(keys[:3])}) — such a LoRA does not fully land")
         if not entry["matched"]:
             report.problems.append(f"{entry['file']}: no key of this LoRA applies to BASE")
-    src = SafetensorsFile(base)
-    out = SafetensorsFile(merged) if merged is not None else None
+    src = open_container(base)
+    out = open_container(merged) if merged is not None else None
     try:
-        fp8_any = any(is_fp8(src.tensors[k].torch_dtype) for k in the_plan.ops)
-        mode = rounding or ("stochastic" if fp8_any else "nearest")
+        mode = default_rounding([src.codec(k) for k in the_plan.ops], rounding)
         _tensor_level(src, out, the_plan.ops, report, mode, seed)
         if out is not None:
             _untouched(src, out, set(the_plan.ops), report)
         if model_check:
-            from .checkmodel import model_level
-
             report.model = model_level(src, out, the_plan, mode, seed, torch.device(device))
         else:
             report.model = {"status": "skipped", "reason": "--no-model"}
@@ -139,35 +110,36 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
     return report
 
 
-def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[str, list[Op]], report: CheckReport,
+def _tensor_level(src: Container, out: Container | None, ops: dict[str, list[Op]], report: CheckReport,
                   rounding: str, seed: int) -> None:
     """Per-tensor checks, one tensor in memory at a time."""
+    base_shapes = src.shapes()
+    out_shapes = out.shapes() if out is not None else {}
     for key, key_ops in ops.items():
-        info = src.tensors[key]
-        w32, scale, base_raw = effective(src, key)
+        w32, codec, base_raw = src.decode(key)
         ref = reference(w32, key_ops)
         d_ref = ref - w32
         if out is None:  # lorakit's own merge, in memory
-            raw = own_merge(key, base_raw, scale, key_ops, rounding, seed)
-            stored = raw.float() * scale if scale is not None else raw.float()
+            raw = own_merge(key, base_raw, codec, key_ops, rounding, seed)
+            stored = codec.decode(raw)
         else:
-            if key not in out.tensors:
+            if key not in out_shapes:
                 report.problems.append(f"{out.name}: tensor {key} is missing")
                 continue
-            if out.tensors[key].shape != info.shape:
-                report.problems.append(f"{out.name}: {key} has shape {out.tensors[key].shape}, BASE {info.shape}")
+            if out_shapes[key] != base_shapes[key]:
+                report.problems.append(f"{out.name}: {key} has shape {out_shapes[key]}, BASE {base_shapes[key]}")
                 continue
-            stored, _, raw = effective(out, key)
+            stored, codec, raw = out.decode(key)
         sat = 0
-        if is_fp8(raw.dtype):
-            top = FP8[raw.dtype]
+        if codec.limit is not None:
+            top = codec.limit
             sat = int((raw.float().abs() >= top).sum() - (base_raw.float().abs() >= top).sum())
             if sat > 0:
                 report.saturated[key] = sat
         d_stored = stored - w32
         dn = float(d_ref.norm())
         err = float((d_stored - d_ref).norm()) / max(dn, 1e-30) if dn > 0 else float(d_stored.norm() > 0)
-        floor = _floor(raw.dtype, ref, dn, rounding)
+        floor = _floor(codec, ref, dn, rounding)
         if err > 3 * floor + 1e-6:
             why = "no change stored" if float(d_stored.norm()) == 0 else (
                 f"stored change is {float(d_stored.norm()) / max(dn, 1e-30):.3g}x the reference size, "
@@ -185,15 +157,20 @@ def _tensor_level(src: SafetensorsFile, out: SafetensorsFile | None, ops: dict[s
             report.nonfinite[key] = bad
 
 
-def _untouched(src: SafetensorsFile, out: SafetensorsFile, touched: set[str], report: CheckReport) -> None:
-    missing = [k for k in src.order if k not in out.tensors]
-    extra = [k for k in out.order if k not in src.tensors]
+def _untouched(src: Container, out: Container, touched: set[str], report: CheckReport) -> None:
+    missing = [k for k in src.keys() if k not in out]
+    extra = [k for k in out.keys() if k not in src]
     if missing:
         report.problems.append(f"{out.name}: {len(missing)} tensor(s) of BASE missing (first: {missing[0]})")
     if extra:
         report.problems.append(f"{out.name}: {len(extra)} tensor(s) not in BASE (first: {extra[0]})")
-    for k in src.order:
-        if k in touched or k not in out.tensors:
+    for k in src.keys():
+        if k in touched or k not in out:
             continue
-        if src.read_bytes(k) != out.read_bytes(k):
+        a, b = src.get(k), out.get(k)
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(_bits(a), _bits(b)):
             report.untouched_changed.append(k)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)

@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .check import effective, own_merge, reference
-from .engine import lowrank_segments
-from .io.safetensors import SafetensorsFile
-from .plan import Op, Plan
+from .engine import lowrank_segments, own_merge, reference
+from .io.container import Container
+from .planner import Op, Plan
 from .sampler.flux import Flux, pack
 from .sampler.layers import Conv2d, Linear, from_state_dict
 from .sampler.unet import UNet
@@ -33,14 +32,15 @@ def _ram() -> int:
         return 1 << 34
 
 
-def _denoiser(src: SafetensorsFile, arch: str, prefix: str) -> tuple[nn.Module, dict[str, str]]:
+def _denoiser(src: Container, arch: str, prefix: str) -> tuple[nn.Module, dict[str, str]]:
     """The model (fp32, base weights) and {file key: parameter name} for its tensors."""
-    names = {k: k[len(prefix):] for k in src.order if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)}
-    shapes = {n: src.tensors[k].shape for k, n in names.items()}
+    all_shapes = src.shapes()
+    names = {k: k[len(prefix):] for k in src.keys() if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)}
+    shapes = {n: all_shapes[k] for k, n in names.items()}
     cls = UNet if arch in ("sd15", "sdxl") else Flux
     with torch.device("meta"):
         wanted = set(cls(shapes).state_dict())
-    state = {n: effective(src, k)[0] for k, n in names.items() if n in wanted}
+    state = {n: src.decode(k)[0] for k, n in names.items() if n in wanted}
     return from_state_dict(cls, state), {k: n for k, n in names.items() if n in state}
 
 
@@ -66,8 +66,8 @@ def _branch(module: nn.Module, weight_ops: list[Op], d_weight: torch.Tensor | No
     """y -> y + LoRA(x) for one Linear / Conv2d: the factors when every op is plain low-rank
     (applied to x, never merged), else the reference full delta."""
     dev = module.weight.device
-    segs = [(r0, up.float().to(dev), down.float().to(dev), scale)
-            for r0, _r1, up, down, scale, _op in (lowrank_segments(weight_ops) or [])]
+    segs = [((g.rows or (0,))[0], g.up.float().to(dev), g.down.float().to(dev), g.scale)
+            for g in (lowrank_segments(weight_ops) or [])]
     conv = isinstance(module, nn.Conv2d)
 
     def place(out: torch.Tensor, part: torch.Tensor, r0: int) -> None:
@@ -103,7 +103,7 @@ def _branch(module: nn.Module, weight_ops: list[Op], d_weight: torch.Tensor | No
     return delta
 
 
-def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Plan, rounding: str, seed: int,
+def model_level(src: Container, out: Container | None, the_plan: Plan, rounding: str, seed: int,
                 device: torch.device) -> dict:
     """Denoiser outputs: base, base + runtime LoRA branches, lorakit's merge, the merge under test.
     Touched values are computed and loaded one tensor at a time, so memory stays at one fp32 model."""
@@ -114,7 +114,7 @@ def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Pla
     touched = {k: ops for k, ops in the_plan.ops.items() if k.startswith(prefix) and not k.startswith(OTHER_COMPONENTS)}
     if not touched:
         return {"status": "skipped", "reason": "the LoRAs change no tensor of the denoiser"}
-    need = 4 * sum(math.prod(src.tensors[k].shape) for k in src.order if k.startswith(prefix))
+    need = 4 * sum(math.prod(s) for k, s in src.shapes().items() if k.startswith(prefix))
     if device.type == "cpu" and need > MEMORY_FRACTION * _ram():
         return {"status": "skipped", "reason": f"the fp32 denoiser needs {need / 2**30:.1f} GiB; "
                                                "rerun with --no-model or on a larger machine"}
@@ -136,7 +136,7 @@ def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Pla
             params[names[key]].copy_(value.reshape(params[names[key]].shape))
 
     def ref_delta(key: str) -> torch.Tensor:
-        w32 = effective(src, key)[0]
+        w32 = src.decode(key)[0]
         return reference(w32, touched[key]) - w32
 
     base_out = run()
@@ -156,22 +156,20 @@ def model_level(src: SafetensorsFile, out: SafetensorsFile | None, the_plan: Pla
                               ref_delta(bk).to(device) if bk else None)
         else:
             for key in leaves.values():
-                w32 = effective(src, key)[0]
-                load(key, reference(w32, touched[key]))
+                load(key, reference(src.decode(key)[0], touched[key]))
     runtime_out = run()
     for m in model.modules():
         if isinstance(m, (Linear, Conv2d)):
             m.delta = None
     for key, ops in touched.items():  # lorakit's own merge: the best a stored dtype allows
-        _, scale, raw = effective(src, key)
-        merged = own_merge(key, raw, scale, ops, rounding, seed).float()
-        load(key, merged * scale if scale is not None else merged)
+        _, codec, raw = src.decode(key)
+        load(key, codec.decode(own_merge(key, raw, codec, ops, rounding, seed)))
     ideal_out = run()
     if out is None:
         merged_out = ideal_out
     else:
         for key in touched:
-            load(key, effective(out, key)[0])
+            load(key, out.decode(key)[0])
         merged_out = run()
     effect, floor, diff = _rel(runtime_out, base_out), _rel(ideal_out, runtime_out), _rel(merged_out, runtime_out)
     status = "FAIL" if diff > 2 * floor + 1e-5 else ("below-resolution" if effect < 3 * floor else "ok")

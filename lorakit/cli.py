@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from . import __version__
+from ._version import __version__
 from .errors import LorakitError
-from .plan import parse_lora_arg
+from .planner import parse_lora_arg
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -81,10 +81,21 @@ def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding,
         return
     if not out:
         _fail("missing -o/--output OUT (or use --dry-run)", 2)
+    _streaming_threads()
     report = _run(merge_file, base, specs, out, model_only=model_only, rounding=rounding, seed=seed, device=device,
                   allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, force=force, in_place=in_place,
                   progress=progress)
     _print_report(report, as_json)
+
+
+def _streaming_threads() -> None:
+    """The CLI owns its process: leave a core to the merge's I/O threads (a library call never
+    changes the process-wide thread count)."""
+    import torch
+
+    from .devices import streaming_threads
+
+    torch.set_num_threads(streaming_threads())
 
 
 def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: str | None, dry_run: bool,
@@ -93,9 +104,10 @@ def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: st
 
     from . import workflow as wf
     from .merge import merge_file, plan
-    from .plan import LoraSpec
+    from .planner import LoraSpec
 
     jobs = wf.plan_jobs(wf.load(workflow), Path(models_dir), node_id=node_id)
+    _streaming_threads()
     wf.assign_outputs(jobs, Path(out) if out else None)
     extra = [f"--{k.replace('_', '-')}" for k in ("allow_unmatched", "allow_nonfinite", "force") if options[k]]
     extra += ["--rounding", options["rounding"]] if options["rounding"] else []

@@ -19,7 +19,7 @@ from .check import check
 from .inspect import describe, render
 from .io.safetensors import save_file
 from .merge import merge_file
-from .plan import LoraSpec
+from .planner import LoraSpec
 
 CHANNELS = (32, 64, 96, 96)
 ATTN_LEVELS = (0, 1, 2)

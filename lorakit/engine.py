@@ -1,12 +1,13 @@
-"""Apply planned ops to one logical base tensor, for the merge and the patch paths alike.
+"""Apply planned ops to one logical base tensor, for the merge, patch and check paths alike.
 
 A logical tensor is what the key maps address: a tensor of the single-file layout. In a merge or
 a single-file state dict it is one real tensor; in a diffusers layout it can be several (Flux
 ``to_q`` / ``to_k`` / ``to_v`` are the row blocks of BFL ``qkv``; ``norm_out.linear`` is
-``adaLN_modulation.1`` with its halves swapped). ``Part`` says which logical rows live where.
+``adaLN_modulation.1`` with its halves swapped). A ``Part`` is one real tensor holding a ``Block``
+of the logical rows, with the codec it is stored in.
 
 Plain low-rank ops become ``ops.Update`` segments (one per LoRA and part, grouped into one kernel
-launch on CUDA); every other adapter runs on an fp32 copy of the logical tensor, rounded once.
+launch on CUDA); every other adapter runs on an fp32 copy of the logical tensor, encoded once.
 """
 
 from __future__ import annotations
@@ -16,59 +17,71 @@ from dataclasses import dataclass
 import torch
 
 from .adapters.base import Adapter
-from .ops import ROUND_CHUNK_ELEMENTS, Segment, Update, as_matrix, is_fp8, round_into
-from .plan import Op
+from .arch.spec import Block
+from .codecs import Codec
+from .ops import Segment, Update, as_matrix
+from .planner import Op
+
+# elements per chunk of fp32 work when encoding whole tensors (bounds the temporaries)
+ROUND_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
 class Part:
-    """Logical rows ``rows`` of a logical tensor are real rows ``offset ...`` of ``tensor``."""
+    """Real tensor ``tensor`` (stored as ``codec``) holds logical rows ``block.rows``."""
 
-    key: str
+    block: Block
     tensor: torch.Tensor
-    rows: tuple[int, int]
-    offset: int = 0
+    codec: Codec
+
+    @property
+    def key(self) -> str:
+        return self.block.key
 
 
-def whole(key: str, tensor: torch.Tensor) -> list[Part]:
-    return [Part(key, tensor, (0, tensor.shape[0] if tensor.dim() else 1))]
+def whole(key: str, tensor: torch.Tensor, codec: Codec) -> list[Part]:
+    return [Part(Block(key, (0, tensor.shape[0] if tensor.dim() else 1)), tensor, codec)]
 
 
-def lowrank_segments(ops: list[Op]) -> list[tuple[int, int, torch.Tensor, torch.Tensor, float, Op]] | None:
-    """(first row, end row, up, down, scale, op) for each op when all are plain low-rank weight updates."""
+def lowrank_segments(ops: list[Op]) -> list[Segment] | None:
+    """One segment per op (rows: logical rows, None for the whole tensor) when every op is a plain
+    low-rank weight update; else None."""
     out = []
     for op in ops:
         a = op.adapter
         lr = a.lowrank() if op.part == "weight" and op.target.transform is None and a.dora_scale is None else None
         if lr is None or type(a).apply_ is not Adapter.apply_:
             return None
-        rows = op.target.rows or (0, lr[0].shape[0])
-        out.append((rows[0], rows[1], as_matrix(lr[0]), as_matrix(lr[1]), op.strength * a.scale, op))
+        out.append(Segment(as_matrix(lr[0]), as_matrix(lr[1]), op.scale, op.target.rows))
     return out
 
 
-def updates(parts: list[Part], ops: list[Op], weight_scale: float | None = None) -> list[Update] | None:
-    """The ops as one ``Update`` per real tensor, or None when some op is not plain low-rank.
+def updates(parts: list[Part], ops: list[Op]) -> list[tuple[Update, list[Op]]] | None:
+    """The ops as one ``Update`` per real tensor, each with the op behind each of its segments; or
+    None when some op is not plain low-rank.
 
     Ops at strength 0 stay as segments of scale 0 (skipped by the primitive), so a patch handle
-    can raise their strength later; each segment is tagged with its op."""
+    can raise their strength later."""
     segs = lowrank_segments(ops)
     if segs is None:
         return None
-    by_key: dict[str, Update] = {}
+    by_key: dict[str, tuple[Update, list[Op]]] = {}
     for p in parts:
-        for a, b, up, down, scale, op in segs:
-            lo, hi = max(a, p.rows[0]), min(b, p.rows[1])
+        lo_p, hi_p = p.block.rows
+        for seg, op in zip(segs, ops):
+            a, b = seg.rows or (0, seg.up.shape[0])
+            lo, hi = max(a, lo_p), min(b, hi_p)
             if lo >= hi:
                 continue
-            u = by_key.setdefault(p.key, Update(p.tensor, [], p.key, weight_scale))
-            shift = p.offset - p.rows[0]
-            u.segments.append(Segment(up[lo - a:hi - a], down, scale, (lo + shift, hi + shift), op))
+            u, tags = by_key.setdefault(p.key, (Update(p.tensor, [], p.key, p.codec), []))
+            shift = p.block.offset - lo_p
+            u.segments.append(Segment(seg.up[lo - a:hi - a], seg.down, seg.scale, (lo + shift, hi + shift)))
+            tags.append(op)
     return list(by_key.values())
 
 
 def apply_ops(w32: torch.Tensor, ops: list[Op]) -> None:
-    """Every op in order on the fp32 logical tensor ``w32`` (in place)."""
+    """Every op in order on the fp32 logical tensor ``w32`` (in place, unrounded)."""
     for op in ops:
         if op.strength == 0.0:
             continue
@@ -90,28 +103,41 @@ def apply_ops(w32: torch.Tensor, ops: list[Op]) -> None:
             view[half:] = work[:half]
 
 
-def patch_generic_(parts: list[Part], ops: list[Op], *, weight_scale: float | None, rounding: str, seed: int,
-                   device: torch.device) -> int:
-    """fp32 copy of the logical tensor on ``device``, every op, one rounding back into each part.
+def reference(w32: torch.Tensor, ops: list[Op]) -> torch.Tensor:
+    """base + the LoRAs' change, fp32, unrounded: lorakit's reference for one tensor."""
+    ref = w32.clone()
+    apply_ops(ref, ops)
+    return ref
 
-    Returns the number of fp8 elements that saturated."""
+
+def patch_generic_(parts: list[Part], ops: list[Op], *, rounding: str, seed: int, device: torch.device) -> int:
+    """fp32 copy of the logical tensor on ``device``, every op, one encoding back into each part.
+
+    Returns the number of elements that saturated."""
     first = parts[0].tensor
-    n = max(p.rows[1] for p in parts)
+    n = max(p.block.rows[1] for p in parts)
     w32 = torch.empty((n,) + tuple(first.shape[1:]), dtype=torch.float32, device=device)
     for p in parts:
-        w32[p.rows[0]:p.rows[1]] = p.tensor[p.offset:p.offset + p.rows[1] - p.rows[0]].to(device)
-    if weight_scale is not None:
-        w32.mul_(weight_scale)
-    orig = w32.clone() if is_fp8(first.dtype) else w32  # only fp8 rounding looks at the original
+        r0, r1 = p.block.rows
+        w32[r0:r1] = p.codec.decode(p.tensor[p.block.offset:p.block.offset + r1 - r0].to(device))
+    orig = w32.clone() if any(p.codec.coarse for p in parts) else w32  # only coarse formats look at it again
     apply_ops(w32, ops)
     saturated = 0
     for p in parts:
         cols = as_matrix(p.tensor).shape[1] if p.tensor.dim() else 1
-        step = max(1, ROUND_CHUNK_ELEMENTS // max(cols, 1))  # bounds the rounding temporaries
-        for r0 in range(p.rows[0], p.rows[1], step):
-            r1 = min(p.rows[1], r0 + step)
-            real = p.offset + r0 - p.rows[0]
+        step = max(1, ROUND_CHUNK_ELEMENTS // max(cols, 1))  # bounds the encoding temporaries
+        lo, hi = p.block.rows
+        for r0 in range(lo, hi, step):
+            r1 = min(hi, r0 + step)
+            real = p.block.offset + r0 - lo
             dst = p.tensor[real:real + r1 - r0]
-            saturated += round_into(dst, w32[r0:r1].to(dst.device), orig[r0:r1].to(dst.device), rounding=rounding,
-                                    seed=seed, key=p.key, index_offset=real * cols, scale=weight_scale)
+            saturated += p.codec.encode_(dst, w32[r0:r1].to(dst.device), orig[r0:r1].to(dst.device),
+                                         rounding=rounding, seed=seed, key=p.key, index_offset=real * cols)
     return saturated
+
+
+def own_merge(key: str, stored: torch.Tensor, codec: Codec, ops: list[Op], rounding: str, seed: int) -> torch.Tensor:
+    """lorakit's merge of one stored tensor, in its storage (what ``lorakit merge`` writes)."""
+    t = stored.clone()
+    patch_generic_(whole(key, t, codec), ops, rounding=rounding, seed=seed, device=torch.device("cpu"))
+    return t

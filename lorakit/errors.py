@@ -1,4 +1,5 @@
-"""Typed errors. Each message is one line that names the file, the key and what to do."""
+"""Typed errors, every one lorakit raises. Each message is one line that names the file, the key and
+what to do; the CLI prints it after ``lorakit: error:`` and exits with ``exit_code``."""
 
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ class LorakitError(Exception):
     exit_code = 1
 
 
+class UsageError(LorakitError):
+    """An argument is invalid (a library call's or the command line's)."""
+
+    exit_code = 2
+
+
 class FileFormatError(LorakitError):
     """A file is missing, unreadable, not safetensors, truncated or has a lying header."""
 
 
 class ArchitectureMismatch(LorakitError):
-    """A LoRA was made for another model family than BASE."""
+    """A LoRA was made for another model family than BASE, or BASE is no family lorakit knows."""
 
 
 class UnmatchedKeysError(LorakitError):
     """Strict mode: LoRA keys for a component present in BASE address no base tensor."""
 
-    def __init__(self, message: str, report: dict | None = None) -> None:
+    def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
 
@@ -30,8 +37,28 @@ class NonFiniteError(LorakitError):
 
 
 class OutputError(LorakitError):
-    """OUT cannot be written: exists, equals BASE, folder unwritable, disk full."""
+    """OUT cannot be written: exists, equals an input, folder unwritable, disk full."""
 
 
 class BackendUnavailable(LorakitError):
     """An explicitly requested device/backend cannot run here."""
+
+
+class WorkflowError(LorakitError):
+    """A ComfyUI workflow cannot be turned into merge jobs."""
+
+
+class TokenizerError(LorakitError):
+    """Tokenizer data for ``lorakit sample`` is missing or unreadable."""
+
+    exit_code = 2
+
+
+class SampleError(LorakitError):
+    """``lorakit sample`` cannot run with these files or options."""
+
+    exit_code = 2
+
+
+class PatchStateError(LorakitError):
+    """A patch handle cannot do what was asked in its current state (no backup, closed)."""

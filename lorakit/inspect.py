@@ -56,7 +56,7 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> dict:
 def describe(path: str) -> dict:
     with SafetensorsFile(path) as f:
         keys, size = f.keys(), f.file_size
-        dtypes = Counter(f.tensors[k].dtype for k in keys)
+        dtypes = Counter(f.infos[k].dtype for k in keys)
         shapes = f.shapes()
         metadata = dict(f.metadata)
     if _is_lora(keys):

@@ -21,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .arch import detect
-from .errors import BackendUnavailable, OutputError
-from .io import scaled_fp8
+from .codecs import Codec, default_rounding
+from .devices import resolve_device
+from .engine import patch_generic_, updates, whole
+from .errors import OutputError
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
 from .io.stream import PAGE, Reader, Writer, aligned_empty
 from .lora import load_lora
-from .engine import patch_generic_, updates, whole
-from .ops import BACKENDS, is_fp8, update_many_
-from .plan import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
+from .ops import BACKENDS, update_many_
+from .planner import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
 from .progress import Progress
 
 # Streaming shape, measured on the SDXL benchmark (2-core VM, direct I/O): 64 MB windows streamed
@@ -64,15 +65,6 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
     return result
 
 
-def _resolve_device(device: str) -> torch.device:
-    # auto stays on the CPU until the GPU path (kernel issue) is tested on a GPU; cuda is opt-in
-    if device == "auto":
-        return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable("--device cuda: no CUDA device is available to torch here; use --device cpu or auto")
-    return torch.device(device)
-
-
 def _check_output(base: Path, out: Path, *, force: bool, in_place: bool) -> None:
     same = out.exists() and base.exists() and os.path.samefile(base, out)
     if same and not in_place:
@@ -95,7 +87,7 @@ def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[
     untouched bytes are cut anywhere. Big windows mean big reads and writes: with direct I/O the
     SDXL benchmark streamed in ~8.1 s with one request per tensor (3 MB typical), 6.8-7.2 s with
     32 MB windows and 5.3-5.8 s with 64 MB ones (2-core test VM, one read in flight)."""
-    touched = sorted((src.tensors[k].begin, src.tensors[k].end, k) for k in ops)
+    touched = sorted((src.infos[k].begin, src.infos[k].end, k) for k in ops)
     data_end = src.file_size - src.data_start
     out, start, i = [], 0, 0
     while start < data_end or i < len(touched):
@@ -118,7 +110,7 @@ def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[
 
 
 def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Progress, ops: dict[str, list[Op]],
-            scales: dict[str, float], saturated: dict[str, int], *, device: torch.device, rounding: str,
+            codecs: dict[str, Codec], saturated: dict[str, int], *, device: torch.device, rounding: str,
             seed: int) -> None:
     """One sequential read stream (two reads in flight) and one sequential write stream on their
     own threads; patching in between.
@@ -144,10 +136,6 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
 
     # two reads in flight: direct reads of the next windows overlapped ~10 % faster on the test VM
     pool_r, pool_w = ThreadPoolExecutor(READERS, "lorakit-read"), ThreadPoolExecutor(1, "lorakit-write")
-    threads = torch.get_num_threads()
-    # leave a core to the I/O threads: on 2 cores one compute thread merged faster (buffered I/O:
-    # ~15 %; direct I/O: ~5 %, and a second OpenMP thread spun idle for as long as the merge ran)
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     reads: deque = deque(pool_r.submit(read, i) for i in range(min(depth, len(windows))))
     writes: deque = deque()
     try:
@@ -156,8 +144,8 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
             if i + depth < len(windows):
                 reads.append(pool_r.submit(read, i + depth))
             for key in keys:
-                info = src.tensors[key]
-                sat = _patch_raw(raw[info.begin - begin: info.end - begin], info, ops[key], scales.get(key),
+                info = src.infos[key]
+                sat = _patch_raw(raw[info.begin - begin: info.end - begin], info, ops[key], codecs[key],
                                  device=device, rounding=rounding, seed=seed)
                 if sat:
                     saturated[key] = sat
@@ -167,30 +155,29 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
         while writes:
             writes.popleft().result()
     finally:
-        torch.set_num_threads(threads)
         pool_r.shutdown(wait=True, cancel_futures=True)
         pool_w.shutdown(wait=True, cancel_futures=True)
 
 
-def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], scale: float | None, *, device: torch.device,
+def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], codec: Codec, *, device: torch.device,
                rounding: str, seed: int) -> int:
     """Patch one tensor in place, given as its raw bytes (every op in order, one rounding);
-    returns the number of fp8 elements that saturated."""
+    returns the number of elements that saturated."""
     if raw.storage_offset() % DTYPES[info.dtype][1]:
         # stored at an offset its dtype cannot be viewed at: patch an aligned copy
         aligned = raw.clone()
-        sat = _patch_raw(aligned, info, ops, scale, device=device, rounding=rounding, seed=seed)
+        sat = _patch_raw(aligned, info, ops, codec, device=device, rounding=rounding, seed=seed)
         raw.copy_(aligned)
         return sat
     stored = raw.view(info.torch_dtype).reshape(info.shape)
     target = stored if device.type == "cpu" else stored.to(device)
-    parts = whole(info.key, target)
-    ups = updates(parts, ops, scale)
+    parts = whole(info.key, target, codec)
+    ups = updates(parts, ops)
     if ups is not None:  # plain low-rank: the primitive (the Triton kernel on CUDA)
-        update_many_(ups, rounding=rounding, seed=seed)
-        saturated = sum(u.saturated for u in ups)
+        update_many_([u for u, _ in ups], rounding=rounding, seed=seed)
+        saturated = sum(u.saturated for u, _ in ups)
     else:
-        saturated = patch_generic_(parts, ops, weight_scale=scale, rounding=rounding, seed=seed, device=device)
+        saturated = patch_generic_(parts, ops, rounding=rounding, seed=seed, device=device)
     if target is not stored:
         stored.copy_(target)
     return saturated
@@ -208,23 +195,24 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
     the_plan = plan(base_p, loras, model_only=model_only, allow_unmatched=allow_unmatched,
                     allow_nonfinite=allow_nonfinite)
     _check_output(base_p, out_p, force=force, in_place=in_place)
-    dev = _resolve_device(device)
-    if dev.type == "cuda":  # say once why the kernel is not used, if it is not
-        kernel = next(b for b in BACKENDS if b.name == "triton")
-        why = kernel.unavailable(torch.empty(1, dtype=torch.float16, device=dev))
-        if why:
-            the_plan.notes.append(f"the Triton kernel is not used ({why}); patching with torch on the GPU")
+    dev = resolve_device(device)
     t0 = time.monotonic()
     with SafetensorsFile(base_p) as src:
-        scales = _fp8_scales(src, the_plan.ops)
-        fp8_targets = [k for k in the_plan.ops if is_fp8(src.tensors[k].torch_dtype)]
-        mode = rounding or ("stochastic" if fp8_targets else "nearest")
+        codecs = {k: src.codec(k) for k in the_plan.ops}
+        if dev.type == "cuda":  # say once why the kernel is not used, if it is not
+            kernel = next(b for b in BACKENDS if b.name == "triton")
+            why = next((w for c in codecs.values() if (w := kernel.unavailable(
+                torch.empty(1, dtype=c.dtype, device=dev), c))), None)
+            if why:
+                the_plan.notes.append(f"the Triton kernel is not used ({why}); patching with torch on the GPU")
+        coarse = [k for k, c in codecs.items() if c.coarse]
+        mode = default_rounding(list(codecs.values()), rounding)
         provenance = _provenance(src, loras, the_plan, model_only=model_only, rounding=mode, seed=seed,
                                  allow_unmatched=allow_unmatched)
         metadata = dict(src.metadata)
         metadata["lorakit"] = json.dumps(provenance, separators=(",", ":"))
         # OUT's data section starts at BASE's offset within a page, so pages move unshifted
-        header = build_header([src.tensors[k] for k in src.order], metadata, data_start_like=src.data_start,
+        header = build_header([src.infos[k] for k in src.order], metadata, data_start_like=src.data_start,
                               page=PAGE)
         with Reader(src, direct=direct_io) as reader:
             fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=".lorakit-tmp", dir=out_p.parent)
@@ -234,7 +222,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
             try:
                 writer = Writer(fd, direct=direct_io)
                 writer.write(header)
-                _stream(src, reader, writer, bar, the_plan.ops, scales, saturated, device=dev, rounding=mode, seed=seed)
+                _stream(src, reader, writer, bar, the_plan.ops, codecs, saturated, device=dev, rounding=mode, seed=seed)
                 writer.finish()
                 os.fsync(fd)
                 os.close(fd)
@@ -256,7 +244,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                 bar.close()
     report = the_plan.report()
     report.update({"out": str(out_p), "tensors_changed": len(the_plan.ops), "rounding": mode, "seed": seed,
-                   "device": str(dev), "fp8_tensors_changed": len(fp8_targets), "fp8_saturated": saturated,
+                   "device": str(dev), "fp8_tensors_changed": len(coarse), "fp8_saturated": saturated,
                    "seconds": round(time.monotonic() - t0, 3)})
     return report
 
@@ -268,14 +256,6 @@ def _new_file_mode(keep_from: Path | None) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _fp8_scales(src: SafetensorsFile, ops: dict[str, list[Op]]) -> dict[str, float]:
-    """Per-layer scales of a ComfyUI scaled-fp8 checkpoint, for the touched weights."""
-    if scaled_fp8.MARKER not in src.tensors:
-        return {}
-    get = lambda k: src.get(k) if k in src.tensors else None  # noqa: E731
-    return {k: s for k in ops if (s := scaled_fp8.weight_scale(k, src.tensors[k].torch_dtype, get)) is not None}
 
 
 def _provenance(src: SafetensorsFile, loras: list[LoraSpec], the_plan: Plan, **options: object) -> dict:

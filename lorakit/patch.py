@@ -4,8 +4,9 @@
     handle.set_strengths([0.5])                               # re-patch from the backup, one pass
     handle.restore()                                          # the original bits, from the backup
 
-The backup holds the touched tensors only (policy "gpu": a copy beside the weights, fastest
-restore; "cpu": pinned host memory; "none": no copy, so no restore). Restoring copies bits back,
+The backup holds the touched tensors only (policy "beside": a copy on the weights' own device,
+fastest restore; "cpu": pinned host memory; "none": no copy, so no restore; "auto": beside unless
+that would leave a GPU with less than 1 GiB free, then cpu). Restoring copies bits back,
 never subtracts a delta, so any number of patch / restore / re-patch cycles never drift.
 """
 
@@ -18,14 +19,15 @@ import torch
 
 from .arch import detect
 from .arch.diffusers import Layout, layout
+from .codecs import default_rounding, plain
 from .engine import Part, patch_generic_, updates, whole
-from .errors import ArchitectureMismatch, LorakitError
-from .io import scaled_fp8
+from .errors import ArchitectureMismatch, PatchStateError, UsageError
+from .io.container import TensorDict
 from .lora import load_lora
-from .ops import Prepared, Update, is_fp8
-from .plan import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
+from .ops import Prepared, Update
+from .planner import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
 
-BACKUP_POLICIES = ("auto", "gpu", "cpu", "none")
+BACKUP_POLICIES = ("auto", "beside", "cpu", "none")
 GPU_BACKUP_HEADROOM = 1 << 30  # "auto" keeps at least this much GPU memory free after the backup
 
 
@@ -35,7 +37,8 @@ def _state_dict(target: object) -> dict[str, torch.Tensor]:
                 for k, v in target.state_dict(keep_vars=True).items()}
     if isinstance(target, dict) and all(isinstance(v, torch.Tensor) for v in target.values()):
         return target
-    raise TypeError("patch() takes an nn.Module or a dict of tensors (a state dict)")
+    raise UsageError("patch() takes an nn.Module or a dict of tensors (a state dict), "
+                     f"not {type(target).__name__}")
 
 
 def _as_spec(item: object) -> LoraSpec:
@@ -43,7 +46,7 @@ def _as_spec(item: object) -> LoraSpec:
         return item
     if isinstance(item, (str, os.PathLike)):
         return parse_lora_arg(os.fspath(item)) if isinstance(item, str) else LoraSpec(os.fspath(item))
-    raise TypeError(f"a LoRA is a path, 'path:model[:clip]' or a LoraSpec, not {type(item).__name__}")
+    raise UsageError(f"a LoRA is a path, 'path:model[:clip]' or a LoraSpec, not {type(item).__name__}")
 
 
 def _views(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, ...]], Layout | None]:
@@ -61,12 +64,11 @@ def _views(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, tuple[int, ...]]
 
 @dataclass
 class _Target:
-    """One logical tensor with its ops: where its rows live and how it is stored."""
+    """One logical tensor with its ops: where its rows live and how they are stored."""
 
     key: str
     parts: list[Part]
     ops: list[Op]
-    weight_scale: float | None
 
 
 class PatchHandle:
@@ -80,16 +82,15 @@ class PatchHandle:
         self.backup_policy = _resolve_backup(backup, self._touched)
         self._backup = _make_backup(self._touched, self.backup_policy)
         self._generic: list[_Target] = []
-        batch = []
+        self._batch: list[tuple[Update, list[Op]]] = []  # each update with the op behind each segment
         for t in targets:
-            ups = updates(t.parts, t.ops, t.weight_scale)
+            ups = updates(t.parts, t.ops)
             if ups is None:
                 self._generic.append(t)
             else:
-                batch += ups
-        self._batch = batch
+                self._batch += ups
         self._ops = [op for t in targets for op in t.ops]
-        self._prepared = Prepared(batch, rounding=rounding, seed=seed, backend=backend)
+        self._prepared = Prepared([u for u, _ in self._batch], rounding=rounding, seed=seed, backend=backend)
         self._from_backup: Prepared | None = None  # lazily: re-patch reading the backup, one pass
         self.patched = False
         self.saturated: dict[str, int] = {}
@@ -111,21 +112,20 @@ class PatchHandle:
         patched at the new strengths (in one pass from a same-device backup when every change is
         low-rank; else restore, then patch)."""
         if len(strengths) != len(self.specs):
-            raise ValueError(f"{len(strengths)} strengths for {len(self.specs)} LoRAs")
+            raise UsageError(f"{len(strengths)} strengths for {len(self.specs)} LoRAs")
         self._need_backup("set_strengths")
         for i, s in enumerate(strengths):
             model, clip = (s, None) if isinstance(s, (int, float)) else s
             self.specs[i] = LoraSpec(self.specs[i].path, float(model), None if clip is None else float(clip))
         for op in self._ops:
-            ls = self.specs[op.lora_index]
-            op.strength = ls.model_strength if op.strength_kind == "model" else ls.clip
-        for u in self._batch:
-            for g in u.segments:
-                g.scale = g.tag.strength * g.tag.adapter.scale
+            op.strength = self.specs[op.lora_index].strength_for(op.strength_kind)
+        for u, ops in self._batch:
+            for g, op in zip(u.segments, ops):
+                g.scale = op.scale
         self._prepared.rescaled()
-        if self.patched and not self._generic and self.backup_policy == "gpu":
+        if self.patched and not self._generic and self.backup_policy == "beside":
             if self._from_backup is None:
-                sourced = [Update(u.w, u.segments, u.key, u.weight_scale, self._backup[u.key]) for u in self._batch]
+                sourced = [Update(u.w, u.segments, u.key, u.codec, self._backup[u.key]) for u, _ in self._batch]
                 self._from_backup = Prepared(sourced, rounding=self.rounding, seed=self.seed, backend=self.backend)
             else:
                 self._from_backup.rescaled()
@@ -154,8 +154,8 @@ class PatchHandle:
         self.saturated.clear()
         with torch.no_grad():
             for t in self._generic:
-                n = patch_generic_(t.parts, t.ops, weight_scale=t.weight_scale, rounding=self.rounding,
-                                   seed=self.seed, device=t.parts[0].tensor.device)
+                n = patch_generic_(t.parts, t.ops, rounding=self.rounding, seed=self.seed,
+                                   device=t.parts[0].tensor.device)
                 if n:
                     self.saturated[t.key] = n
             self._prepared.run()
@@ -181,27 +181,27 @@ class PatchHandle:
 
     def _need_backup(self, what: str) -> None:
         if self._backup is None:
-            raise LorakitError(f"{what}() needs the backup of the original weights, but this handle has none "
+            raise PatchStateError(f"{what}() needs the backup of the original weights, but this handle has none "
                                f"(backup={self.backup_policy!r} or already closed)")
 
 
 def _resolve_backup(policy: str, touched: dict[str, torch.Tensor]) -> str:
     if policy not in BACKUP_POLICIES:
-        raise ValueError(f"backup must be one of {', '.join(BACKUP_POLICIES)}, not {policy!r}")
+        raise UsageError(f"backup must be one of {', '.join(BACKUP_POLICIES)}, not {policy!r}")
     if policy != "auto":
         return policy
     cuda = [t for t in touched.values() if t.is_cuda]
     if not cuda:
-        return "gpu"  # on the CPU, "gpu" means: a copy beside the weights
+        return "beside"
     need = sum(t.numel() * t.element_size() for t in cuda)
     free, _ = torch.cuda.mem_get_info(cuda[0].device)
-    return "gpu" if free - need >= GPU_BACKUP_HEADROOM else "cpu"
+    return "beside" if free - need >= GPU_BACKUP_HEADROOM else "cpu"
 
 
 def _make_backup(touched: dict[str, torch.Tensor], policy: str) -> dict[str, torch.Tensor] | None:
     if policy == "none":
         return None
-    if policy == "gpu":
+    if policy == "beside":
         return {k: t.clone() for k, t in touched.items()}
     pin = torch.cuda.is_available()
     return {k: t.to("cpu", copy=True).pin_memory() if pin else t.to("cpu", copy=True) for k, t in touched.items()}
@@ -231,16 +231,14 @@ def patch(target: object, loras: list[object], *, model_only: bool = False, back
             raise unmatched_error(entry, "the patch target", spec)
         the_plan.loras.append(entry)
     targets = []
+    files = TensorDict(tensors, "the patch target")
     for key, ops in the_plan.ops.items():
         if lay is None:
-            parts = whole(key, tensors[key])
-            ws = scaled_fp8.weight_scale(key, tensors[key].dtype, tensors.get)
-        else:
-            parts = [Part(b.key, tensors[b.key], b.rows, b.offset) for b in lay.blocks[key]]
-            ws = None
-        targets.append(_Target(key, parts, ops, ws))
-    fp8 = any(is_fp8(p.tensor.dtype) for t in targets for p in t.parts)
-    mode = rounding or ("stochastic" if fp8 else "nearest")
+            parts = whole(key, tensors[key], files.codec(key))
+        else:  # diffusers layouts: plain tensors
+            parts = [Part(b, tensors[b.key], plain(tensors[b.key].dtype)) for b in lay.blocks[key]]
+        targets.append(_Target(key, parts, ops))
+    mode = default_rounding([p.codec for t in targets for p in t.parts], rounding)
     handle = PatchHandle(the_plan, targets, specs, backup=backup, rounding=mode, seed=seed, backend=backend)
     handle.apply()
     return handle

@@ -14,11 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LorakitError
-
-
-class WorkflowError(LorakitError):
-    """The workflow cannot be turned into merge jobs."""
+from .errors import WorkflowError
 
 
 # node type -> (widget names in UI order, {output slot: type})

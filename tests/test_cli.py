@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from lorakit.cli import main
 from lorakit.inspect import trigger_words
-from lorakit.plan import parse_lora_arg
+from lorakit.planner import parse_lora_arg
 from tests.conftest import ZOO
 
 

@@ -24,8 +24,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is a Linux-only test extra (pip install 'lorakit[test]' on Linux)")
 
+from lorakit import codecs  # noqa: E402
 from lorakit.errors import BackendUnavailable  # noqa: E402
-from lorakit.ops import Prepared, Segment, Update, choose_backend, update_many_  # noqa: E402
+from lorakit.ops import Prepared, Segment, Update, as_matrix, choose_backend, update_many_  # noqa: E402
 from tests.golden_compare import ulp  # noqa: E402
 
 W_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -49,7 +50,7 @@ def model(g: torch.Generator, wdtype: torch.dtype, fdtype: torch.dtype, factors=
     f = lambda *s: factors(g, *s, dtype=fdtype)  # noqa: E731
     return [
         Update(lin, [Segment(f(70, 8), f(8, 150), 0.37), Segment(f(70, 20), f(20, 150), -1.3)], key="lin",
-               weight_scale=0.75 if wdtype in FP8 else None),
+               codec=codecs.scaled(wdtype, 0.75) if wdtype in FP8 else None),
         Update(qkv, [Segment(f(32, 4), f(4, 40), 1.0, (0, 32)), Segment(f(32, 4), f(4, 40), 0.5, (64, 96)),
                      Segment(f(96, 16), f(16, 40), 0.25)], key="qkv"),
         Update(conv, [Segment(f(24, 4, 1, 1), f(4, 8, 3, 3), 2.0)], key="conv"),
@@ -57,7 +58,7 @@ def model(g: torch.Generator, wdtype: torch.dtype, fdtype: torch.dtype, factors=
 
 
 def run(updates: list[Update], backend: str, rounding: str, seed: int = 3) -> list[Update]:
-    copies = [Update(u.w.clone(), u.segments, u.key, u.weight_scale) for u in updates]
+    copies = [Update(u.w.clone(), u.segments, u.key, u.codec) for u in updates]
     update_many_(copies, rounding=rounding, seed=seed, backend=backend)
     return copies
 
@@ -92,11 +93,13 @@ def test_fp8_saturation_counts_and_subnormals(wdtype: torch.dtype) -> None:
 def float64_reference(u: Update) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact result (float64) and the magnitude |W| + sum |s| |up| @ |down| that bounds
     the fp32 accumulation error."""
-    w = u.w.double().reshape(u.w.shape[0], -1) * (u.weight_scale or 1.0)
+    w = u.w.double().reshape(u.w.shape[0], -1) * (u.codec.scale or 1.0)
     exact, mag = w.clone(), w.abs()
-    for up, down, s, (r0, r1) in u.matrices():
-        exact[r0:r1] += s * (up.double() @ down.double())
-        mag[r0:r1] += abs(s) * (up.double().abs() @ down.double().abs())
+    for g in u.segments:
+        r0, r1 = g.span(u.w.shape[0])
+        up, down = as_matrix(g.up).double(), as_matrix(g.down).double()
+        exact[r0:r1] += g.scale * (up @ down)
+        mag[r0:r1] += abs(g.scale) * (up.abs() @ down.abs())
     return exact, mag
 
 
@@ -110,7 +113,7 @@ def test_random_factors_against_float64(wdtype: torch.dtype) -> None:
     ref, ker = run(updates, "torch", "nearest"), run(updates, "triton", "nearest")
     for u, r, k in zip(updates, ref, ker):
         exact, mag = float64_reference(u)
-        ws = u.weight_scale or 1.0
+        ws = u.codec.scale or 1.0
         rank = sum(g.up.shape[1] for g in u.segments)
         bound = 0.5 * ulp(exact / ws, wdtype) * ws + (rank + 3) * 2.0 ** -24 * mag
         for out in (r, k):
@@ -128,7 +131,7 @@ def test_repatch_from_source_and_rescale() -> None:
         results = []
         for backend in ("torch", "triton"):
             live = [Update(u.w.clone(), [Segment(s.up, s.down, s.scale, s.rows) for s in u.segments], u.key,
-                           u.weight_scale, u.w.clone()) for u in original]
+                           u.codec, u.w.clone()) for u in original]
             prepared = Prepared(live, rounding="stochastic", seed=2, backend=backend)
             prepared.run()
             for u in live:
@@ -138,7 +141,7 @@ def test_repatch_from_source_and_rescale() -> None:
             prepared.run()
             results.append(live)
         fresh = [Update(u.w.clone(), [Segment(s.up, s.down, -0.5 * s.scale, s.rows) for s in u.segments], u.key,
-                        u.weight_scale) for u in original]
+                        u.codec) for u in original]
         update_many_(fresh, rounding="stochastic", seed=2, backend="torch")
         for f, r, k in zip(fresh, *results):
             assert torch.equal(bits(r.w), bits(f.w)) and torch.equal(bits(k.w), bits(f.w)), f.key

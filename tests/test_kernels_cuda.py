@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
+from lorakit import codecs
 from lorakit.ops import Segment, Update, choose_backend, update_many_
 from tests.test_kernels import FP8, W_DTYPES, bits, float64_reference, model
 from tests.test_patch import same
@@ -23,7 +24,7 @@ SUCCESS = [c for c in CASES if c["expect"]["exit"] == "success"]
 
 def on(updates: list[Update], device: str) -> list[Update]:
     return [Update(u.w.to(device, copy=True), [Segment(s.up.to(device), s.down.to(device), s.scale, s.rows)
-                                                for s in u.segments], u.key, u.weight_scale) for u in updates]
+                                                for s in u.segments], u.key, u.codec) for u in updates]
 
 
 @pytest.mark.parametrize("wdtype", W_DTYPES, ids=str)
@@ -48,7 +49,7 @@ def test_full_size_random_against_float64(wdtype: torch.dtype, fdtype: torch.dty
     w = (torch.randn(21504, 3072, generator=g) * 0.02).to(wdtype)
     f = lambda *s: (torch.randn(s, generator=g) * 0.02).to(fdtype)  # noqa: E731
     u = Update(w, [Segment(f(21504, 64), f(64, 3072), 0.8), Segment(f(3072, 16), f(16, 3072), 1.5, (0, 3072))],
-               key="single_blocks.0.linear1.weight", weight_scale=0.01 if wdtype in FP8 else None)
+               key="single_blocks.0.linear1.weight", codec=codecs.scaled(wdtype, 0.01) if wdtype in FP8 else None)
     for rounding in ("nearest", "stochastic") if wdtype in FP8 else ("nearest",):
         ref, ker = on([u], "cpu"), on([u], "cuda")
         update_many_(ref, rounding=rounding, seed=1, backend="torch")
@@ -57,7 +58,7 @@ def test_full_size_random_against_float64(wdtype: torch.dtype, fdtype: torch.dty
         assert float((bits(k) != bits(ref[0].w)).double().mean()) <= 1e-3
         if rounding == "nearest":
             exact, mag = float64_reference(u)
-            ws = u.weight_scale or 1.0
+            ws = u.codec.scale or 1.0
             bound = 0.5 * ulp(exact / ws, wdtype) * ws + 83 * 2.0 ** -24 * mag
             assert bool(((k.double().reshape(exact.shape) * ws - exact).abs() <= bound).all())
 
@@ -88,7 +89,7 @@ def test_patch_on_cuda_tensors(zoo: Path) -> None:
     fresh = {k: v.clone() for k, v in original.items()}
     lorakit.patch(fresh, [lora.replace(":0.8", ":0.3")], seed=4)
     with lorakit.patch(gpu, [lora], seed=4) as h:
-        assert h.backup_policy == "gpu"
+        assert h.backup_policy == "beside"
         differing = sum(int((bits(gpu[k].cpu()) != bits(cpu[k])).sum()) for k in cpu)
         assert differing <= 1e-3 * sum(v.numel() for v in cpu.values())
         h.set_strengths([0.3])

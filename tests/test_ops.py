@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorakit import codecs
+from lorakit.codecs.rounding import round_into, uniform24
 from lorakit.ops import lowrank_update_
-from lorakit.ops.rounding import round_into, uniform24
 from tests.golden_compare import check_fp8, check_stochastic_stats, fp8_neighbours, ulp
 
 
@@ -110,5 +111,5 @@ def test_scaled_fp8_requantises_with_the_same_scale() -> None:
     W8 = (w / s).to(torch.float8_e4m3fn)
     base = W8.clone()
     exact = (W8.float() * s + 0.3 * (up @ down)) / s
-    lowrank_update_(W8, up, down, 0.3, rounding="nearest", weight_scale=s)
+    lowrank_update_(W8, up, down, 0.3, rounding="nearest", codec=codecs.scaled(W8.dtype, s))
     check_fp8(W8, base, exact, "nearest", "scaled")

@@ -62,7 +62,7 @@ def test_hot_swap_never_drifts(zoo: Path, tmp_path: Path) -> None:
     fresh = load_file(base)
     lorakit.patch(fresh, [f"{lora}:0.8"], seed=3)
     with lorakit.patch(sd, [f"{lora}:0.8"], seed=3) as h:
-        assert h.rounding == "stochastic" and h.backup_policy == "gpu"  # "gpu" = a copy beside CPU weights
+        assert h.rounding == "stochastic" and h.backup_policy == "beside"  # a copy beside the (CPU) weights
         for s in (0.0, 1.5, -2.0, 0.3, 0.8):
             h.set_strengths([s])
             if s == 0.0:

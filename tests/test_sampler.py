@@ -17,7 +17,7 @@ from lorakit.cli import main
 from lorakit.sampler.pipeline import _euler
 from lorakit.progress import Progress
 from lorakit.sampler.schedule import FLUX_DEV, FLUX_SCHNELL, Discrete, flux_mu, sigmas
-from lorakit.sampler.tokenize import (ClipTokenizer, T5Tokenizer, TokenizerNotFound, _bytes_to_unicode, clip_tokens,
+from lorakit.sampler.tokenize import (ClipTokenizer, T5Tokenizer, TokenizerError, _bytes_to_unicode, clip_tokens,
                                       find, parse_weights, t5_tokens)
 from lorakit.sampler.vae import AutoencoderKL
 from tests.conftest import ROOT
@@ -105,7 +105,7 @@ def test_missing_tokenizer_says_where_it_looked(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(TokenizerNotFound, match="LORAKIT_TOKENIZERS.*ComfyUI"):
+    with pytest.raises(TokenizerError, match="LORAKIT_TOKENIZERS.*ComfyUI"):
         find("t5")
     assert find("clip", TOKENIZERS) == TOKENIZERS / "clip"
 

@@ -19,7 +19,7 @@ import lorakit.merge
 from lorakit.errors import FileFormatError
 from lorakit.io import stream
 from lorakit.io.safetensors import SafetensorsFile
-from lorakit.plan import LoraSpec
+from lorakit.planner import LoraSpec
 from tests.conftest import ZOO
 
 SD15 = ZOO / "base/sd15/sd15_tiny_single_file.safetensors"
@@ -162,9 +162,9 @@ def test_mostly_cached_sees_a_file_just_read(tmp_path: Path) -> None:
 
 def test_windows_cover_the_data_and_never_split_a_touched_tensor() -> None:
     with SafetensorsFile(ZOO / "base/sdxl/sdxl_tiny_single_file.safetensors") as src:
-        keys = [k for k in src.order if src.tensors[k].nbytes]
+        keys = [k for k in src.order if src.infos[k].nbytes]
         touched = {k: [] for k in random.Random(0).sample(keys, len(keys) // 3)}
-        biggest = max(src.tensors[k].nbytes for k in touched)
+        biggest = max(src.infos[k].nbytes for k in touched)
         data_end = src.file_size - src.data_start
         for size in (PAGE, biggest // 2, 1 << 20, 1 << 30):
             wins = lorakit.merge._windows(src, touched, size)
@@ -173,8 +173,8 @@ def test_windows_cover_the_data_and_never_split_a_touched_tensor() -> None:
             seen = [k for _, _, ks in wins for k in ks]
             assert sorted(seen) == sorted(touched)
             for begin, end, ks in wins:
-                assert all(begin <= src.tensors[k].begin and src.tensors[k].end <= end for k in ks)
-                assert end - begin <= size or (len(ks) == 1 and (end - begin) == src.tensors[ks[0]].nbytes)
+                assert all(begin <= src.infos[k].begin and src.infos[k].end <= end for k in ks)
+                assert end - begin <= size or (len(ks) == 1 and (end - begin) == src.infos[ks[0]].nbytes)
 
 
 def _merge(base: Path, out: Path, lora: Path = KOHYA, **kw) -> bytes:
@@ -195,7 +195,7 @@ def test_direct_and_buffered_merges_write_the_same_file(tmp_path: Path, never_ca
     with SafetensorsFile(base) as a, SafetensorsFile(tmp_path / "direct.safetensors") as b:
         assert (b.data_start - a.data_start) % PAGE == 0  # pages of OUT line up with BASE's
         assert b.data_start % 8 == 0
-        assert b.tensors.keys() == a.tensors.keys()
+        assert b.infos.keys() == a.infos.keys()
 
 
 def test_tensors_at_odd_offsets_merge_like_aligned_ones(tmp_path: Path, never_cached) -> None:
@@ -204,7 +204,7 @@ def test_tensors_at_odd_offsets_merge_like_aligned_ones(tmp_path: Path, never_ca
     with SafetensorsFile(SD15) as f:
         raw = Path(SD15).read_bytes()[f.data_start:]
         header = {k: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": [i.begin + 1, i.end + 1]}
-                  for k, i in f.tensors.items()}
+                  for k, i in f.infos.items()}
         header["zz_odd_byte"] = {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}
         header["__metadata__"] = f.metadata
     h = json.dumps(header).encode()

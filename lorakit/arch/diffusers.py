@@ -13,17 +13,9 @@ import re
 from dataclasses import dataclass
 
 from . import flux, unet
+from .spec import Block
 
 Shapes = dict[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class Block:
-    """Logical rows ``rows`` of a single-file tensor are rows ``offset ...`` of diffusers tensor ``key``."""
-
-    key: str
-    rows: tuple[int, int]
-    offset: int = 0
 
 
 @dataclass

@@ -38,6 +38,16 @@ class Target:
         return s
 
 
+@dataclass(frozen=True)
+class Block:
+    """Logical rows ``rows`` of a single-file tensor are rows ``offset ...`` of real tensor ``key``
+    (a diffusers tensor in a diffusers layout; the tensor itself in a single-file layout)."""
+
+    key: str
+    rows: tuple[int, int]
+    offset: int = 0
+
+
 # component id -> (label used in reports, which CLI strength drives it)
 COMPONENTS: dict[str, tuple[str, str]] = {
     "unet": ("diffusion model (UNet / Flux transformer)", "model"),

@@ -1,4 +1,5 @@
-"""Lazy, validating safetensors reader and a streaming writer.
+"""Safetensors: a validating, lazy reader (``SafetensorsFile``), whole-file loading for small files
+(``load_all``), the header serializer and a small writer (``save_file``).
 
 Why not ``safetensors.safe_open``: it memory-maps the whole file, so every tensor read
 stays resident and a streamed 24 GB merge would show a 24 GB RSS. Here each tensor is
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FileFormatError
+from .container import Container
 
 # safetensors dtype spelling -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -57,7 +59,7 @@ class TensorInfo:
         return DTYPES[self.dtype][0]
 
 
-class SafetensorsFile:
+class SafetensorsFile(Container):
     """Header of a safetensors file plus on-demand tensor reads."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -110,7 +112,7 @@ class SafetensorsFile:
         for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise self._bad(f"tensors {k0!r} and {k1!r} overlap")
-        self.tensors = infos
+        self.infos = infos
         # data order = the order writers and copy runs follow
         self.order = sorted(infos, key=lambda k: (infos[k].begin, k))
 
@@ -140,7 +142,13 @@ class SafetensorsFile:
         return list(self.order)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: self.tensors[k].shape for k in self.order}
+        return {k: self.infos[k].shape for k in self.order}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.infos[key].torch_dtype
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.infos
 
     def read_into(self, view: memoryview, begin: int, what: str = "data") -> None:
         """Fill ``view`` with data-section bytes from ``begin``, in READ_PIECE-sized reads.
@@ -156,13 +164,13 @@ class SafetensorsFile:
             pos += n
 
     def read_bytes(self, key: str) -> bytearray:
-        info = self.tensors[key]
+        info = self.infos[key]
         buf = bytearray(info.nbytes)
         self.read_into(memoryview(buf), info.begin, f"tensor {key!r}")
         return buf
 
     def get(self, key: str) -> torch.Tensor:
-        info = self.tensors[key]
+        info = self.infos[key]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         return torch.frombuffer(self.read_bytes(key), dtype=info.torch_dtype).reshape(info.shape)
@@ -199,7 +207,7 @@ def load_all(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
             raise FileFormatError(f"{name}: changed while being read")
         tensors = {}
         for key in f.order:
-            info = f.tensors[key]
+            info = f.infos[key]
             start = f.data_start + info.begin
             if info.nbytes == 0:
                 tensors[key] = torch.empty(info.shape, dtype=info.torch_dtype)

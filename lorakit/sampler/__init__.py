@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import OutputError
-from ..plan import LoraSpec
-from .pipeline import FluxPipeline, Options, SampleError, SDPipeline, describe, load
+from .._version import __version__
+from ..errors import OutputError, SampleError
+from ..planner import LoraSpec
+from .pipeline import FluxPipeline, Options, SDPipeline, describe, load
 from .png import save_png, to_rgb
 
 __all__ = ["sample", "Options", "SampleError"]

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 from ..arch import ARCH_NAMES, detect
-from ..errors import LorakitError
-from ..io import scaled_fp8
+from ..errors import SampleError
+from ..io.container import TensorDict
 from ..io.safetensors import SafetensorsFile
-from ..ops import is_fp8
 from ..patch import patch
-from ..plan import LoraSpec
+from ..planner import LoraSpec
 from ..progress import Progress
 from .flux import Flux, pack, unpack
 from .layers import from_state_dict, timestep_embedding
@@ -39,10 +38,6 @@ DROP = ("embeddings.position_ids", "logit_scale", "encoder.embed_tokens.weight")
 
 FLUX_EXTRAS = ("text_encoders.", "vae.", "first_stage_model.")  # not transformer weights
 FLUX_VAE_PREFIXES = ("vae.", "first_stage_model.")
-
-
-class SampleError(LorakitError):
-    exit_code = 2
 
 
 def peek(path: str) -> tuple[str, str]:
@@ -101,13 +96,13 @@ def _sub(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 
 def _compute_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """fp8 weights (scaled fp8: times their scale) in the compute dtype; everything else as is."""
-    out = {}
+    out, files = {}, TensorDict(sd)
     for k, v in sd.items():
-        if scaled_fp8.is_scale_entry(k):
+        if files.is_aux(k):
             continue
-        if is_fp8(v.dtype):
-            scale = scaled_fp8.weight_scale(k, v.dtype, sd.get)
-            v = v.float() * (1.0 if scale is None else scale)
+        if v.is_floating_point():
+            codec = files.codec(k)
+            v = codec.decode(v) if codec.coarse else v  # fp8 is computed in the compute dtype
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
 

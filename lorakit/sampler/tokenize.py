@@ -25,7 +25,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LorakitError
+from ..errors import TokenizerError
 
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
@@ -38,8 +38,6 @@ HF_REPOS = {"clip": ["openai--clip-vit-large-patch14/snapshots/*", "black-forest
             "t5": ["black-forest-labs--FLUX.1-dev/snapshots/*/tokenizer_2", "google--t5-v1_1-xxl/snapshots/*"]}
 
 
-class TokenizerNotFound(LorakitError):
-    exit_code = 2
 
 
 def find(kind: str, path: str | os.PathLike | None = None) -> Path:
@@ -57,7 +55,7 @@ def find(kind: str, path: str | os.PathLike | None = None) -> Path:
     for c in candidates:
         if all((c / f).is_file() for f in files):
             return c
-    raise TokenizerNotFound(
+    raise TokenizerError(
         f"no {kind.upper()} tokenizer data ({', '.join(files)}) found; looked in --tokenizers, $LORAKIT_TOKENIZERS, "
         f"ComfyUI ({COMFY_DIRS[kind]}) and the Hugging Face cache. Point --tokenizers (or LORAKIT_TOKENIZERS) at a "
         f"folder with {kind}/{files[0]}, e.g. a ComfyUI checkout's {COMFY_DIRS[kind]}")
@@ -166,7 +164,7 @@ class T5Tokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise TokenizerNotFound("the T5 tokenizer needs the 'tokenizers' package: pip install 'lorakit[sample]'") from None
+            raise TokenizerError("the T5 tokenizer needs the 'tokenizers' package: pip install 'lorakit[sample]'") from None
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
 
     def encode(self, text: str) -> list[int]:

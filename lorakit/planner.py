@@ -35,6 +35,10 @@ class LoraSpec:
     def clip(self) -> float:
         return self.model_strength if self.clip_strength is None else self.clip_strength
 
+    def strength_for(self, kind: str) -> float:
+        """The strength that drives a part of kind ``kind`` ("model" or "clip")."""
+        return self.model_strength if kind == "model" else self.clip
+
 
 @dataclass
 class Op:
@@ -47,6 +51,11 @@ class Op:
     lora_index: int
     module: str
     strength_kind: str = "model"  # which strength drives it: "model" or "clip"
+
+    @property
+    def scale(self) -> float:
+        """The factor on the adapter's change: strength x the adapter's own scale (alpha / rank)."""
+        return self.strength * self.adapter.scale
 
 
 @dataclass
@@ -188,7 +197,7 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
                 raise NonFiniteError(f"{lora.path}: NaN or inf in {', '.join(bad[:3])}"
                                      f"{' (+%d more)' % (len(bad) - 3) if len(bad) > 3 else ''}; "
                                      "refusing to merge (use --allow-nonfinite to merge anyway)")
-        strength = ls.model_strength if comp.strength_kind == "model" else ls.clip
+        strength = ls.strength_for(comp.strength_kind)
         used = [k for r, k in roles.items() if r not in unused]
         if unused:
             unmatched.append({"module": module, "keys": sorted(roles[r] for r in unused),

@@ -19,12 +19,9 @@ import zlib
 
 import torch
 
-FP8 = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+# largest finite value of each fp8 format (results saturate there)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MASK32 = 0xFFFFFFFF
-
-
-def is_fp8(dtype: torch.dtype) -> bool:
-    return dtype in FP8
 
 
 def key_hash(key: str) -> int:
@@ -60,12 +57,12 @@ def uniform24(seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
 
 
 def _nearest_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    m = FP8[dtype]
+    m = FP8_MAX[dtype]
     return x.clamp(-m, m).to(dtype)
 
 
 def _stochastic_fp8(x: torch.Tensor, dtype: torch.dtype, seed: int, key: str, index: torch.Tensor) -> torch.Tensor:
-    m = FP8[dtype]
+    m = FP8_MAX[dtype]
     a = x.abs().clamp(max=m)
     near = a.to(dtype)  # RTNE of the magnitude
     nf = near.float()
@@ -99,14 +96,14 @@ def round_into(
     ``dst``'s first element inside the whole tensor (for the stochastic counter).
     Returns how many elements saturated at the fp8 limit.
     """
-    if not is_fp8(dst.dtype):  # plain RTNE of every element (scaled weights are fp8 only)
+    if dst.dtype not in FP8_MAX:  # plain RTNE of every element (scaled weights are fp8 only)
         dst.copy_(value)
         return 0
     changed = value != original
     # divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply, which
     # is not IEEE division and would make GPU results differ from the CPU's and the kernel's
     target = value / torch.tensor(scale, dtype=torch.float32, device=value.device) if scale is not None else value
-    m = FP8[dst.dtype]
+    m = FP8_MAX[dst.dtype]
     saturated = int(((target.abs() > m) & changed).sum())
     if rounding == "stochastic":
         index = torch.arange(index_offset, index_offset + dst.numel(), dtype=torch.int64, device=dst.device)
