@@ -86,12 +86,12 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
     the_plan = plan(base, loras, model_only=model_only, allow_unmatched=True, allow_nonfinite=True)
     report = CheckReport(str(base), None if merged is None else str(merged))
     for entry in the_plan.loras:
-        if entry["unmatched"]:
-            keys = [k for u in entry["unmatched"] for k in u["keys"]]
-            report.problems.append(f"{entry['file']}: {len(keys)} key(s) address nothing in BASE "
+        if entry.unmatched:
+            keys = [k for u in entry.unmatched for k in u.keys]
+            report.problems.append(f"{entry.file}: {len(keys)} key(s) address nothing in BASE "
                                    f"(first: {', '.join(keys[:3])}) — such a LoRA does not fully land")
-        if not entry["matched"]:
-            report.problems.append(f"{entry['file']}: no key of this LoRA applies to BASE")
+        if not entry.matched:
+            report.problems.append(f"{entry.file}: no key of this LoRA applies to BASE")
     src = open_container(base)
     out = open_container(merged) if merged is not None else None
     try:

@@ -10,6 +10,7 @@ import click
 from ._version import __version__
 from .errors import LorakitError
 from .planner import parse_lora_arg
+from .reports import DryRunReport, MergeReport, PlanReport
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -74,10 +75,8 @@ def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding,
     specs = [parse_lora_arg(a) for a in loras]
     if dry_run:
         p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite)
-        report = p.report()
-        report["dry_run"] = True
-        report["would_fail"] = bool(not allow_unmatched and any(r["unmatched"] for r in report["loras"]))
-        _print_report(report, as_json)
+        _print_report(DryRunReport(**p.report_fields(), would_fail=bool(
+            not allow_unmatched and any(r.unmatched for r in p.loras))), as_json)
         return
     if not out:
         _fail("missing -o/--output OUT (or use --dry-run)", 2)
@@ -118,54 +117,54 @@ def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: st
         click.echo(job.command(extra + (["--dry-run"] if dry_run else [])), err=as_json)
         specs = [LoraSpec(str(p), m, c) for p, m, c in job.loras]
         if dry_run:
-            report = plan(job.base, specs, model_only=job.model_only, allow_unmatched=True,
-                          allow_nonfinite=options["allow_nonfinite"]).report()
+            report = DryRunReport(**plan(job.base, specs, model_only=job.model_only, allow_unmatched=True,
+                                         allow_nonfinite=options["allow_nonfinite"]).report_fields())
         else:
             report = merge_file(job.base, specs, job.out, model_only=job.model_only, **options)
         reports.append(report)
         if not as_json:
-            _print_report(dict(report, dry_run=dry_run, would_fail=False), False)
+            _print_report(report, False)
     if as_json:
         click.echo(json.dumps({"workflow": workflow, "jobs": [
-            {"command": j.command(extra), "base": str(j.base), "out": str(j.out), "report": r}
+            {"command": j.command(extra), "base": str(j.base), "out": str(j.out), "report": r.to_json()}
             for j, r in zip(jobs, reports)]}, indent=1))
 
 
-def _print_report(report: dict, as_json: bool) -> None:
+def _print_report(report: PlanReport, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(report, indent=1))
+        click.echo(json.dumps(report.to_json(), indent=1))
         return
-    verb = "would apply" if report.get("dry_run") else "applied"
-    click.echo(f"BASE {report['base']}: {report['base_arch_name']} ({', '.join(report['components'])})")
-    for r in report["loras"]:
-        c = r["counts"]
-        click.echo(f"LoRA {r['file']}: {r['format']} format, {r['arch'] or 'unknown'} arch; "
-                   f"strengths model {r['model_strength']:g} / clip {r['clip_strength']:g}")
-        click.echo(f"  {verb} {len(r['matched'])} modules ({c['matched']} keys); skipped {c['skipped']} keys; "
+    dry = isinstance(report, DryRunReport)
+    verb = "would apply" if dry else "applied"
+    click.echo(f"BASE {report.base}: {report.base_arch_name} ({', '.join(report.components)})")
+    for r in report.loras:
+        c = r.counts
+        click.echo(f"LoRA {r.file}: {r.format} format, {r.arch or 'unknown'} arch; "
+                   f"strengths model {r.model_strength:g} / clip {r.clip_strength:g}")
+        click.echo(f"  {verb} {len(r.matched)} modules ({c['matched']} keys); skipped {c['skipped']} keys; "
                    f"unmatched {c['unmatched']} keys")
-        for s in r["skipped"]:
-            click.echo(f"  skipped {len(s['keys'])} keys of the {s['component']} ({s['reason']})")
-        for u in r["unmatched"][:10]:
-            near = f"; nearest: {u['nearest'][0]}" if u.get("nearest") else ""
-            click.echo(f"  unmatched {u['module']} ({len(u['keys'])} keys): {u['reason']}{near}")
-        if len(r["unmatched"]) > 10:
-            click.echo(f"  ... {len(r['unmatched']) - 10} more unmatched modules (see --json)")
-        for n in r["notes"]:
+        for s in r.skipped:
+            click.echo(f"  skipped {len(s.keys)} keys of the {s.component} ({s.reason})")
+        for u in r.unmatched[:10]:
+            near = f"; nearest: {u.nearest[0]}" if u.nearest else ""
+            click.echo(f"  unmatched {u.module} ({len(u.keys)} keys): {u.reason}{near}")
+        if len(r.unmatched) > 10:
+            click.echo(f"  ... {len(r.unmatched) - 10} more unmatched modules (see --json)")
+        for n in r.notes:
             click.echo(f"  note: {n}")
-    for n in report.get("notes", []):
+    for n in report.notes:
         click.echo(f"note: {n}")
-    if report.get("dry_run"):
-        click.echo("dry run: nothing written" + (" (a real run would fail: unmatched keys)" if report["would_fail"] else ""))
-    else:
-        applied = sum(len(r["matched"]) for r in report["loras"])
-        if applied == 0 and not report.get("notes"):
+    if dry:
+        click.echo("dry run: nothing written" + (" (a real run would fail: unmatched keys)" if report.would_fail else ""))
+    elif isinstance(report, MergeReport):
+        if report.applied_modules == 0 and not report.notes:
             click.echo("note: no LoRA module applies to this BASE; OUT equals BASE apart from metadata")
-        sat = sum(report["fp8_saturated"].values())
+        sat = sum(report.fp8_saturated.values())
         if sat:
             click.echo(f"warning: {sat} fp8 values saturated at the format's limit in "
-                       f"{len(report['fp8_saturated'])} tensors")
-        click.echo(f"wrote {report['out']}: {report['tensors_changed']} tensors changed, rounding {report['rounding']}"
-                   f" (seed {report['seed']}), {report['seconds']:.2f} s")
+                       f"{len(report.fp8_saturated)} tensors")
+        click.echo(f"wrote {report.out}: {report.tensors_changed} tensors changed, rounding {report.rounding}"
+                   f" (seed {report.seed}), {report.seconds:.2f} s")
 
 
 @main.command()

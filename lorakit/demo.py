@@ -99,9 +99,9 @@ def run_demo(keep: str | None = None) -> int:
         click.echo(render(describe(str(lora_path))))
         click.echo(f"3. lorakit merge {base_path.name} {lora_path.name}:0.8:0.5 -o {out.name} --force")
         report = merge_file(base_path, [LoraSpec(str(lora_path), 0.8, 0.5)], out, force=True, progress=False)
-        r = report["loras"][0]
-        click.echo(f"   applied {len(r['matched'])} modules ({r['counts']['matched']} keys), "
-                   f"{report['tensors_changed']} tensors changed, {report['seconds']:.2f} s")
+        r = report.loras[0]
+        click.echo(f"   applied {len(r.matched)} modules ({r.counts['matched']} keys), "
+                   f"{report.tensors_changed} tensors changed, {report.seconds:.2f} s")
         click.echo("4. check one layer against an fp64 reference")
         worst = _check(base_path, lora_path, out)
         click.echo(f"   max error {worst:.3f} ulp of fp16 (limit 1.0): {'PASS' if worst <= 1.0 else 'FAIL'}")

@@ -24,6 +24,10 @@ class ArchitectureMismatch(LorakitError):
     """A LoRA was made for another model family than BASE, or BASE is no family lorakit knows."""
 
 
+class KeyMapError(LorakitError):
+    """A base file's names make a LoRA name ambiguous (it would address two tensors)."""
+
+
 class UnmatchedKeysError(LorakitError):
     """Strict mode: LoRA keys for a component present in BASE address no base tensor."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import formats
 from .adapters import select
-from .arch import ARCH_NAMES, detect
+from .arch import claim, detect, family_name
 from .errors import ArchitectureMismatch
 from .io.safetensors import SafetensorsFile
 from .lora import load_lora
@@ -93,13 +93,14 @@ def _describe_lora(path: str, size: int) -> dict:
             ranks[adapter.rank] += 1
         if adapter is not None and adapter.alpha() is not None:
             alphas[adapter.alpha()] += 1
-        comp = formats.component_of(module, lora.arch)
-        part = next((v for p, v in TE_PREFIXES.items() if module.startswith(p)), "unet" if comp == "unet" else comp)
+        owner = claim(module, (lora.arch,))
+        comp = owner[0] if owner else None
+        part = next((v for p, v in TE_PREFIXES.items() if module.startswith(p)), "unet" if comp == "denoiser" else comp)
         parts[part or "unknown"] += 1
         per_module[module] = algo
     return {
         "kind": "lora", "file": path, "bytes": size, "tensors": len(lora.tensors), "sha256": lora.sha256,
-        "format": lora.family, "arch": lora.arch, "arch_name": ARCH_NAMES.get(lora.arch or "", "unknown"),
+        "format": lora.family, "arch": lora.arch, "arch_name": family_name(lora.arch),
         "arch_source": lora.arch_source, "algorithms": dict(algos), "ranks": {str(k): v for k, v in ranks.items()},
         "alphas": {f"{k:g}": v for k, v in alphas.items()}, "parts": dict(parts),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in lora.tensors.values())),

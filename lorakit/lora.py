@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import formats
+from .arch import lora_family
 from .io.safetensors import load_all
 
 
@@ -33,7 +34,7 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
     """Read a LoRA file completely (LoRAs are small) and classify it."""
     tensors, metadata, raw = load_all(path)
     keys = list(tensors)
-    arch, source = formats.lora_arch(keys, metadata)
+    arch, source = lora_family(keys, metadata)
     return LoraFile(
         path=str(path),
         tensors=tensors,

@@ -27,12 +27,13 @@ from .codecs import Codec, default_rounding
 from .devices import resolve_device
 from .engine import patch_generic_, updates, whole
 from .errors import OutputError
+from .io.container import open_container
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
 from .io.stream import PAGE, Reader, Writer, aligned_empty
-from .lora import load_lora
 from .ops import BACKENDS, update_many_
-from .planner import LoraSpec, Op, Plan, check_compatible, plan_lora, unmatched_error
+from .planner import LoraSpec, Op, Plan, plan_loras
 from .progress import Progress
+from .reports import MergeReport
 
 # Streaming shape, measured on the SDXL benchmark (2-core VM, direct I/O): 64 MB windows streamed
 # 25-35 % faster than 32 MB ones and 16 MB ones slower still; 3 read ahead (2 in flight) and 2
@@ -47,22 +48,10 @@ RING_BUDGET = 768 << 20  # bytes of read/write buffers; depth shrinks for very l
 def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = False,
          allow_unmatched: bool = False, allow_nonfinite: bool = False) -> Plan:
     """Map every LoRA onto BASE and report; raises on strict-mode failures. Writes nothing."""
-    with SafetensorsFile(base) as f:
+    with open_container(base) as f:
         shapes = f.shapes()
-    spec = detect(shapes, str(base))
-    result = Plan(str(base), spec, [])
-    if model_only and all(c.strength_kind == "clip" for c in spec.components):
-        result.notes.append(f"--model-only on a text-encoder BASE ({spec.name}): nothing applies; OUT equals BASE "
-                            "apart from metadata")
-    for i, ls in enumerate(loras):
-        lora = load_lora(ls.path)
-        check_compatible(lora, spec, str(base))
-        entry = plan_lora(lora, ls, i, spec, shapes, model_only=model_only,
-                          allow_nonfinite=allow_nonfinite, ops=result.ops)
-        if entry["unmatched"] and not allow_unmatched:
-            raise unmatched_error(entry, str(base), spec)
-        result.loras.append(entry)
-    return result
+    return plan_loras(str(base), detect(shapes, str(base)), shapes, loras, model_only=model_only,
+                      allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite)
 
 
 def _check_output(base: Path, out: Path, *, force: bool, in_place: bool) -> None:
@@ -186,8 +175,8 @@ def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], codec: Codec,
 def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.PathLike, *, model_only: bool = False,
                rounding: str | None = None, seed: int = 0, device: str = "auto", allow_unmatched: bool = False,
                allow_nonfinite: bool = False, force: bool = False, in_place: bool = False,
-               progress: bool | None = None, direct_io: bool = True) -> dict:
-    """Merge ``loras`` into ``base`` and write ``out``; returns the report (as ``--json`` prints it).
+               progress: bool | None = None, direct_io: bool = True) -> MergeReport:
+    """Merge ``loras`` into ``base`` and write ``out``; returns the report (``to_json()`` is what ``--json`` prints).
 
     ``direct_io``: stream past the page cache where the filesystem allows it (``io.stream``);
     the output bytes are the same either way."""
@@ -242,11 +231,9 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                 raise
             finally:
                 bar.close()
-    report = the_plan.report()
-    report.update({"out": str(out_p), "tensors_changed": len(the_plan.ops), "rounding": mode, "seed": seed,
-                   "device": str(dev), "fp8_tensors_changed": len(coarse), "fp8_saturated": saturated,
-                   "seconds": round(time.monotonic() - t0, 3)})
-    return report
+    return MergeReport(**the_plan.report_fields(), out=str(out_p), tensors_changed=len(the_plan.ops), rounding=mode,
+                       seed=seed, device=str(dev), fp8_tensors_changed=len(coarse), fp8_saturated=saturated,
+                       seconds=round(time.monotonic() - t0, 3))
 
 
 def _new_file_mode(keep_from: Path | None) -> int:
@@ -263,7 +250,7 @@ def _provenance(src: SafetensorsFile, loras: list[LoraSpec], the_plan: Plan, **o
     entry = {
         "version": __version__,
         "base": {"file": Path(src.name).name, "arch": the_plan.spec.arch},
-        "loras": [{"file": Path(ls.path).name, "sha256": r["sha256"], "model_strength": ls.model_strength,
+        "loras": [{"file": Path(ls.path).name, "sha256": r.sha256, "model_strength": ls.model_strength,
                    "clip_strength": ls.clip} for ls, r in zip(loras, the_plan.loras)],
         "options": options,
     }

@@ -13,19 +13,20 @@ never subtracts a delta, so any number of patch / restore / re-patch cycles neve
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .arch import detect
-from .arch.diffusers import Layout, layout
+from .arch.diffusers import layout
+from .arch.modules import Layout
 from .codecs import default_rounding, plain
 from .engine import Part, patch_generic_, updates, whole
 from .errors import ArchitectureMismatch, PatchStateError, UsageError
 from .io.container import TensorDict
-from .lora import load_lora
 from .ops import Prepared, Update
-from .planner import LoraSpec, Op, Plan, check_compatible, parse_lora_arg, plan_lora, unmatched_error
+from .planner import LoraSpec, Op, Plan, parse_lora_arg, plan_loras
+from .reports import PatchReport
 
 BACKUP_POLICIES = ("auto", "beside", "cpu", "none")
 GPU_BACKUP_HEADROOM = 1 << 30  # "auto" keeps at least this much GPU memory free after the backup
@@ -101,11 +102,15 @@ class PatchHandle:
         """Keys of the real tensors this handle changes."""
         return sorted(self._touched)
 
-    def report(self) -> dict:
-        r = self.plan.report()
-        r.update({"tensors_changed": len(self._touched), "backup": self.backup_policy, "rounding": self.rounding,
-                  "seed": self.seed, "fp8_saturated": dict(self.saturated)})
-        return r
+    def report(self) -> PatchReport:
+        """The plan's report with the strengths in force now (after any ``set_strengths``)."""
+        loras = []
+        for ls, entry in zip(self.specs, self.plan.loras):
+            matched = [replace(m, strength=ls.strength_for(m.strength_kind)) for m in entry.matched]
+            loras.append(replace(entry, model_strength=ls.model_strength, clip_strength=ls.clip, matched=matched))
+        return PatchReport(**dict(self.plan.report_fields(), loras=loras), tensors_changed=len(self._touched),
+                           backup=self.backup_policy, rounding=self.rounding, seed=self.seed,
+                           fp8_saturated=dict(self.saturated))
 
     def set_strengths(self, strengths: list[float | tuple[float, float]]) -> None:
         """New (model[, clip]) strengths, one entry per LoRA: the weights become the original
@@ -221,15 +226,8 @@ def patch(target: object, loras: list[object], *, model_only: bool = False, back
     shapes, lay = _views(tensors)
     spec = detect(shapes, "the patch target")
     specs = [_as_spec(x) for x in loras]
-    the_plan = Plan("<in memory>", spec, [])
-    for i, ls in enumerate(specs):
-        lora = load_lora(ls.path)
-        check_compatible(lora, spec, "the patch target")
-        entry = plan_lora(lora, ls, i, spec, shapes, model_only=model_only, allow_nonfinite=allow_nonfinite,
-                          ops=the_plan.ops, keep_zero=True)
-        if entry["unmatched"] and not allow_unmatched:
-            raise unmatched_error(entry, "the patch target", spec)
-        the_plan.loras.append(entry)
+    the_plan = plan_loras("the patch target", spec, shapes, specs, model_only=model_only,
+                          allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, keep_zero=True)
     targets = []
     files = TensorDict(tensors, "the patch target")
     for key, ops in the_plan.ops.items():

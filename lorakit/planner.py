@@ -1,8 +1,11 @@
 """Planning: LoRA files x base checkpoint -> per-tensor operations plus a full report.
 
 Every key of every LoRA ends in exactly one bucket: matched (consumed by an adapter that
-applies to a base tensor), skipped (its component is not in BASE, or ``model_only``), or
-unmatched (its component is in BASE but it addresses nothing there, or does not fit).
+applies to a base tensor), skipped (its component is not in BASE, or ``model_only``) or
+unmatched (its component is in BASE but it addresses nothing there, or does not fit). One LoRA
+is planned in three steps: its keys are grouped by module (``group_keys``), each module is
+resolved against the base's key maps (``resolve``), and the resolved modules become ops
+(``emit``). ``plan_loras`` is the loop merge and patch share.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ from . import formats
 from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
-from .arch import ARCH_NAMES, COMPONENTS, BaseSpec, Target
+from .arch import KINDS, BaseSpec, Component, Target, claim, family_name
 from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError
-from .lora import LoraFile
+from .lora import LoraFile, load_lora
+from .reports import LoraReport, Matched, PlanReport, Skipped, Unmatched
+
+Shapes = dict[str, tuple[int, ...]]
+NEAREST_FOR = 5  # unmatched modules that get "nearest base names" hints
 
 
 @dataclass(frozen=True)
@@ -62,17 +69,16 @@ class Op:
 class Plan:
     base_path: str
     spec: BaseSpec
-    loras: list[dict]
+    loras: list[LoraReport] = field(default_factory=list)
     ops: dict[str, list[Op]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def report(self) -> dict:
-        return {"base": self.base_path, "base_arch": self.spec.arch, "base_arch_name": self.spec.name,
-                "components": [c.label for c in self.spec.components], "loras": self.loras, "notes": self.notes}
+    def report(self) -> PlanReport:
+        return PlanReport(**self.report_fields())
 
-
-# base archs whose LoRAs must be made for the same family; stand-alone text encoders take any
-FAMILY_BASES = {"sd15", "sdxl", "flux"}
+    def report_fields(self) -> dict:
+        return dict(base=self.base_path, base_arch=self.spec.arch, base_arch_name=self.spec.name,
+                    components=[c.label for c in self.spec.components], loras=self.loras, notes=self.notes)
 
 
 def parse_lora_arg(arg: str) -> LoraSpec:
@@ -120,126 +126,175 @@ def _view_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
 
 
 def _nearest(spec: BaseSpec, module: str) -> list[str]:
-    prefix = next((p for p, _ in formats.COMPONENT_PREFIXES if module.startswith(p)), "")
-    pool = [(a, t) for c in spec.components for a, t in c.aliases.items() if a.startswith(prefix)]
-    names = difflib.get_close_matches(module, [a for a, _ in pool], n=2, cutoff=0.6)
-    lookup = dict(pool)
-    return [f"{n} -> {lookup[n].describe()}" for n in names]
+    hit = claim(module, (spec.arch,))
+    prefix = hit[1] if hit else ""
+    pool = {a: alias.target for c in spec.components for a, alias in c.aliases.items() if a.startswith(prefix)}
+    names = difflib.get_close_matches(module, list(pool), n=2, cutoff=0.6)
+    return [f"{n} -> {pool[n].describe()}" for n in names]
 
 
 def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> None:
-    if spec.arch in FAMILY_BASES and lora.arch is not None and lora.arch != spec.arch:
+    if spec.family.own_loras and lora.arch is not None and lora.arch != spec.arch:
+        made_for = family_name(lora.arch)
         raise ArchitectureMismatch(
-            f"{lora.path}: this LoRA is for {ARCH_NAMES[lora.arch]} ({lora.arch_source}), "
-            f"but BASE {base_name} is {spec.name}; use a {spec.name} LoRA or a {ARCH_NAMES[lora.arch]} base")
+            f"{lora.path}: this LoRA is for {made_for} ({lora.arch_source}), "
+            f"but BASE {base_name} is {spec.name}; use a {spec.name} LoRA or a {made_for} base")
 
 
-def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: dict[str, tuple[int, ...]],
-              *, model_only: bool, allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False) -> dict:
-    """Map one LoRA onto the base; append its ops; return its report entry.
+# -- one LoRA in three steps ---------------------------------------------------------------------
 
-    Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
+def group_keys(lora: LoraFile, spec: BaseSpec) -> tuple[dict[str, dict[str, str]], list[Unmatched]]:
+    """module -> {role: key}; a second spelling of one factor of a module is reported, not used."""
     groups: dict[str, dict[str, str]] = {}
-    unmatched: list[dict] = []
+    duplicates: list[Unmatched] = []
     for key in lora.tensors:
         module, role = formats.split_key(key, lambda m: spec.lookup(m) is not None)
         slot = groups.setdefault(module, {})
-        if role in slot:  # two spellings of one factor: keep the first, report the other
-            unmatched.append({"module": module, "keys": [key], "reason": f"second '{role}' tensor for this module"})
+        if role in slot:
+            duplicates.append(Unmatched(module, [key], f"second '{role}' tensor for this module"))
             continue
         slot[role] = key
-    matched, skipped, notes = [], {}, []
+    return groups, duplicates
+
+
+@dataclass
+class Resolved:
+    """A module that applies: its component, target, adapter and (for bias changes) bias target."""
+
+    module: str
+    roles: dict[str, str]
+    component: Component
+    target: Target
+    adapter: Adapter
+    unused: list[str]
+    bias_target: Target | None
+
+
+def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, shapes: Shapes, *,
+            model_only: bool, report: LoraReport, skipped: dict[str, tuple[str, list[str]]]) -> Resolved | None:
+    """Find the module's target and adapter and check they fit; what does not lands in the report."""
+    keys = sorted(roles.values())
+    hit = spec.lookup(module)
+    if hit is None:
+        prefer = (lora.arch, spec.arch if spec.family.own_loras else None)
+        owner = claim(module, prefer)
+        cid = owner[0] if owner else None
+        if cid is not None and spec.component(cid) is None:
+            skipped.setdefault(KINDS[cid].label, ("component not in BASE", []))[1].extend(keys)
+        else:
+            where = "" if cid is None else f" of the {KINDS[cid].label}"
+            report.unmatched.append(Unmatched(module, keys, f"no tensor{where} in BASE has this name"))
+        return None
+    comp, alias = hit
+    target = alias.target
+    if model_only and comp.strength_kind == "clip":
+        skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
+        return None
+    tensors = {r: lora.tensors[k] for r, k in roles.items()}
+    rank = int(tensors["down"].shape[0]) if "down" in tensors else 1
+    adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
+    report.notes += [f"{module}: {n}" for n in adapter_notes]
+    if adapter is None:
+        report.unmatched.append(Unmatched(module, keys, "tensor names of no known adapter: " + ", ".join(sorted(roles))))
+        return None
+    if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
+        report.notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
+                            "scale alpha/rank per part")
+    view = _view_shape(shapes[target.key], target)
+    reason = adapter.check(view) if adapter.changes_weight else None
+    bias_target, bias = None, adapter.bias_delta()
+    if reason is None and bias is not None:
+        bkey = target.bias_key()
+        if bkey is None or bkey not in shapes:
+            reason = f"carries a bias change but BASE has no bias for {target.key}"
+        else:
+            bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
+            bview = _view_shape(shapes[bkey], bias_target)
+            if tuple(bias.shape) != bview:
+                reason = f"bias change {tuple(bias.shape)} does not match {bkey} {bview}"
+    if reason is not None:
+        report.unmatched.append(Unmatched(module, keys, f"shape mismatch with {target.describe()} "
+                                                        f"{tuple(shapes[target.key])}: {reason}"))
+        return None
+    return Resolved(module, roles, comp, target, adapter, unused, bias_target)
+
+
+def emit(r: Resolved, lora: LoraFile, ls: LoraSpec, index: int, *, allow_nonfinite: bool, keep_zero: bool,
+         ops: dict[str, list[Op]], report: LoraReport) -> None:
+    """The ops of a resolved module (appended to ``ops``) and its report entry."""
+    if not allow_nonfinite:
+        tensors = {role: lora.tensors[k] for role, k in r.roles.items()}
+        bad = [r.roles[role] for role, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(f"{lora.path}: NaN or inf in {', '.join(bad[:3])}"
+                                 f"{' (+%d more)' % (len(bad) - 3) if len(bad) > 3 else ''}; "
+                                 "refusing to merge (use --allow-nonfinite to merge anyway)")
+    kind = r.component.strength_kind
+    strength = ls.strength_for(kind)
+    used = [k for role, k in r.roles.items() if role not in r.unused]
+    if r.unused:
+        report.unmatched.append(Unmatched(r.module, sorted(r.roles[role] for role in r.unused),
+                                          f"not used by the {r.adapter.algo_name} adapter"))
+    report.matched.append(Matched(r.module, sorted(used), r.adapter.algo_name, r.component.label, r.target.describe(),
+                                  strength, r.adapter.rank, r.adapter.alpha(), kind))
+    if strength == 0.0 and not keep_zero:
+        return
+    if r.adapter.changes_weight:
+        ops.setdefault(r.target.key, []).append(Op(r.target, r.adapter, strength, "weight", index, r.module, kind))
+    if r.bias_target is not None:
+        ops.setdefault(r.bias_target.key, []).append(Op(r.bias_target, r.adapter, strength, "bias", index, r.module,
+                                                        kind))
+
+
+def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: Shapes, *, model_only: bool,
+              allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False) -> LoraReport:
+    """Map one LoRA onto the base; append its ops; return its report.
+
+    Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
+    report = LoraReport(lora.path, lora.sha256, lora.family, lora.arch, lora.arch_source, ls.model_strength, ls.clip,
+                        len(lora.tensors))
+    groups, report.unmatched = group_keys(lora, spec)
+    skipped: dict[str, tuple[str, list[str]]] = {}
     for module, roles in groups.items():
-        keys = sorted(roles.values())
-        hit = spec.lookup(module)
-        if hit is None:
-            cid = formats.component_of(module, lora.arch or (spec.arch if spec.arch in FAMILY_BASES else None))
-            if cid is not None and spec.component(cid) is None:
-                skipped.setdefault(COMPONENTS[cid][0], ("component not in BASE", []))[1].extend(keys)
-            else:
-                where = "" if cid is None else f" of the {COMPONENTS.get(cid, (cid,))[0]}"
-                unmatched.append({"module": module, "keys": keys, "reason": f"no tensor{where} in BASE has this name"})
-            continue
-        comp, target = hit
-        if model_only and comp.strength_kind == "clip":
-            skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
-            continue
-        tensors = {r: lora.tensors[k] for r, k in roles.items()}
-        rank = int(tensors["down"].shape[0]) if "down" in tensors else 1
-        adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
-        notes += [f"{module}: {n}" for n in adapter_notes]
-        if adapter is None:
-            unmatched.append({"module": module, "keys": keys, "reason": "tensor names of no known adapter: "
-                              + ", ".join(sorted(roles))})
-            continue
-        if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
-            notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
-                         "scale alpha/rank per part")
-        view = _view_shape(shapes[target.key], target)
-        reason = adapter.check(view) if adapter.changes_weight else None
-        bias_target, bias = None, adapter.bias_delta()
-        if reason is None and bias is not None:
-            bkey = target.bias_key()
-            if bkey is None or bkey not in shapes:
-                reason = f"carries a bias change but BASE has no bias for {target.key}"
-            else:
-                bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
-                bview = _view_shape(shapes[bkey], bias_target)
-                if tuple(bias.shape) != bview:
-                    reason = f"bias change {tuple(bias.shape)} does not match {bkey} {bview}"
-        if reason is not None:
-            unmatched.append({"module": module, "keys": keys, "reason": f"shape mismatch with {target.describe()} "
-                              f"{tuple(shapes[target.key])}: {reason}"})
-            continue
-        if not allow_nonfinite:
-            bad = [roles[r] for r, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-            if bad:
-                raise NonFiniteError(f"{lora.path}: NaN or inf in {', '.join(bad[:3])}"
-                                     f"{' (+%d more)' % (len(bad) - 3) if len(bad) > 3 else ''}; "
-                                     "refusing to merge (use --allow-nonfinite to merge anyway)")
-        strength = ls.strength_for(comp.strength_kind)
-        used = [k for r, k in roles.items() if r not in unused]
-        if unused:
-            unmatched.append({"module": module, "keys": sorted(roles[r] for r in unused),
-                              "reason": f"not used by the {adapter.algo_name} adapter"})
-        matched.append({"module": module, "keys": sorted(used), "algorithm": adapter.algo_name,
-                        "component": comp.label, "target": target.describe(), "strength": strength,
-                        "rank": adapter.rank, "alpha": adapter.alpha()})
-        if strength != 0.0 or keep_zero:
-            kind = comp.strength_kind
-            if adapter.changes_weight:
-                ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, module, kind))
-            if bias_target is not None:
-                ops.setdefault(bias_target.key, []).append(Op(bias_target, adapter, strength, "bias", index, module,
-                                                              kind))
-    for u in unmatched[:5]:
-        u["nearest"] = _nearest(spec, u["module"])
-    n_matched = sum(len(m["keys"]) for m in matched)
-    n_skipped = sum(len(v) for _, v in skipped.values())
-    n_unmatched = sum(len(u["keys"]) for u in unmatched)
-    assert n_matched + n_skipped + n_unmatched == len(lora.tensors), "every LoRA key lands in exactly one bucket"
-    return {
-        "file": lora.path, "sha256": lora.sha256, "format": lora.family, "arch": lora.arch,
-        "arch_source": lora.arch_source, "model_strength": ls.model_strength, "clip_strength": ls.clip,
-        "tensors": len(lora.tensors),
-        "counts": {"matched": n_matched, "skipped": n_skipped, "unmatched": n_unmatched},
-        "skipped_components": sorted(skipped),
-        "matched": matched,
-        "skipped": [{"component": c, "reason": why, "keys": sorted(v)} for c, (why, v) in sorted(skipped.items())],
-        "unmatched": unmatched,
-        "notes": notes,
-    }
+        r = resolve(lora, module, roles, spec, shapes, model_only=model_only, report=report, skipped=skipped)
+        if r is not None:
+            emit(r, lora, ls, index, allow_nonfinite=allow_nonfinite, keep_zero=keep_zero, ops=ops, report=report)
+    report.skipped = [Skipped(c, why, sorted(keys)) for c, (why, keys) in sorted(skipped.items())]
+    for u in report.unmatched[:NEAREST_FOR]:
+        u.nearest = _nearest(spec, u.module)
+    if sum(report.counts.values()) != len(lora.tensors):  # a planner bug, never a user error
+        raise RuntimeError(f"{lora.path}: planned keys do not add up to the file's {len(lora.tensors)} tensors")
+    return report
 
 
-def unmatched_error(report: dict, base_name: str, spec: BaseSpec) -> UnmatchedKeysError:
-    u = report["unmatched"]
-    keys = [k for e in u for k in e["keys"]]
+def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, loras: list[LoraSpec], *, model_only: bool,
+               allow_unmatched: bool, allow_nonfinite: bool, keep_zero: bool = False) -> Plan:
+    """Load, check and plan every LoRA in order onto one base (shared by merge and patch); strict
+    unless ``allow_unmatched``."""
+    result = Plan(base_name, spec)
+    if model_only and all(c.strength_kind == "clip" for c in spec.components):
+        result.notes.append(f"--model-only on a text-encoder BASE ({spec.name}): nothing applies; OUT equals BASE "
+                            "apart from metadata")
+    for i, ls in enumerate(loras):
+        lora = load_lora(ls.path)
+        check_compatible(lora, spec, base_name)
+        entry = plan_lora(lora, ls, i, spec, shapes, model_only=model_only, allow_nonfinite=allow_nonfinite,
+                          ops=result.ops, keep_zero=keep_zero)
+        if entry.unmatched and not allow_unmatched:
+            raise unmatched_error(entry, base_name, spec)
+        result.loras.append(entry)
+    return result
+
+
+def unmatched_error(report: LoraReport, base_name: str, spec: BaseSpec) -> UnmatchedKeysError:
+    u = report.unmatched
+    keys = [k for e in u for k in e.keys]
     first = u[0]
-    near = f"; nearest: {'; '.join(first['nearest'])}" if first.get("nearest") else ""
-    if not report["matched"] and all(e["reason"].startswith("shape mismatch") for e in u):
+    near = f"; nearest: {'; '.join(first.nearest)}" if first.nearest else ""
+    if not report.matched and all(e.reason.startswith("shape mismatch") for e in u):
         near += "; every module has the wrong shape: the LoRA was made for a model of another size"
-    msg = (f"{report['file']}: {len(keys)} key(s) address no tensor of BASE {base_name} ({spec.name}): "
+    msg = (f"{report.file}: {len(keys)} key(s) address no tensor of BASE {base_name} ({spec.name}): "
            f"{', '.join(keys[:3])}{' (+%d more)' % (len(keys) - 3) if len(keys) > 3 else ''} "
-           f"[{first['reason']}]{near}. Nothing was written; --allow-unmatched applies the rest, "
+           f"[{first.reason}]{near}. Nothing was written; --allow-unmatched applies the rest, "
            f"--dry-run --json lists them all")
     return UnmatchedKeysError(msg, report)

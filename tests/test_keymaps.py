@@ -35,8 +35,8 @@ def expanded(arch: str) -> dict[str, list[str]]:
     assert spec.arch == arch
     table: dict[str, list[str]] = {}
     for comp in spec.components:
-        for alias, target in comp.aliases.items():
-            table.setdefault(f"{comp.id}:{target.describe()}", []).append(alias)
+        for name, alias in comp.aliases.items():
+            table.setdefault(f"{comp.id}:{alias.target.describe()}", []).append(name)
     return {k: sorted(v) for k, v in sorted(table.items())}
 
 
@@ -71,8 +71,8 @@ def test_every_targetable_key_is_reachable(arch: str, manifests: Path) -> None:
     spec = detect(shapes)
     rows: dict[str, list[tuple[int, int]]] = {}
     for comp in spec.components:
-        for target in comp.aliases.values():
-            rows.setdefault(target.key, []).append(target.rows or (0, shapes[target.key][0]))
+        for alias in comp.aliases.values():
+            rows.setdefault(alias.target.key, []).append(alias.target.rows or (0, shapes[alias.target.key][0]))
     missing = []
     for key in targetable(arch, shapes):
         spans = sorted(rows.get(key, []))
@@ -109,7 +109,7 @@ def test_every_targetable_key_is_reachable(arch: str, manifests: Path) -> None:
 def test_known_names(arch: str, alias: str, target: str, manifests: Path) -> None:
     hit = detect(shapes_of(arch)).lookup(alias)
     assert hit is not None, alias
-    assert hit[1].describe() == target
+    assert hit[1].target.describe() == target
 
 
 def test_sizes_come_from_the_checkpoint(manifests: Path) -> None:

@@ -1,51 +1,88 @@
-"""Base-checkpoint detection: which architecture, which components, and their key maps."""
+"""Model families: which architecture a base file is (``detect``), which one a LoRA was made for
+(``lora_family``), and the components and key maps of each (one record per family, ``registry``)."""
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ArchitectureMismatch
-from . import clip, flux, unet
-from .spec import ARCH_NAMES, COMPONENTS, BaseSpec, Component, Target
+from .registry import BY_ID, FAMILIES
+from .spec import KINDS, Alias, BaseSpec, Block, Component, Convention, Family, Kind, Shapes, Target
 
-__all__ = ["detect", "BaseSpec", "Component", "Target", "ARCH_NAMES", "COMPONENTS"]
-
-UNET_PREFIXES = ["model.diffusion_model.", "diffusion_model.", ""]
-FLUX_PREFIXES = ["model.diffusion_model.", "diffusion_model.", ""]
-# single-file text-encoder locations: (key prefix, component builder)
-SD15_CLIP = "cond_stage_model.transformer."
-SDXL_CLIP_L = "conditioner.embedders.0.transformer."
-SDXL_CLIP_G = "conditioner.embedders.1.model."
+__all__ = ["detect", "lora_family", "claim", "family_name", "BaseSpec", "Component", "Target", "Block", "Alias",
+           "Convention", "Family", "Kind", "FAMILIES", "KINDS"]
 
 
-def _first_prefix(shapes: dict, prefixes: list[str], probe: str) -> str | None:
-    return next((p for p in prefixes if p + probe in shapes), None)
+def family_name(fid: str | None) -> str:
+    """A family's name for reports ("unknown" for None)."""
+    return BY_ID[fid].name if fid in BY_ID else "unknown"
 
 
-def detect(shapes: dict[str, tuple[int, ...]], name: str = "BASE") -> BaseSpec:
-    """Detect the architecture of a checkpoint from its key -> shape map."""
-    fp = _first_prefix(shapes, FLUX_PREFIXES, "double_blocks.0.img_attn.qkv.weight")
-    if fp is not None:
-        comp, details = flux.build(shapes, fp)
-        comps = [comp]
-        for te_prefix, builder in (("text_encoders.clip_l.transformer.", clip.build_clip_l),
-                                   ("text_encoders.t5xxl.transformer.", clip.build_t5)):
-            if any(k.startswith(te_prefix) for k in shapes):
-                comps.append(builder(shapes, te_prefix))
-        return BaseSpec("flux", comps, {"prefix": fp, **details})
-    up = _first_prefix(shapes, UNET_PREFIXES, "input_blocks.0.0.weight")
-    if up is not None:
-        comps = [unet.build(shapes, up)]
-        sdxl = up + "label_emb.0.0.weight" in shapes or any(k.startswith(SDXL_CLIP_G) for k in shapes)
-        if any(k.startswith(SD15_CLIP + "text_model.") for k in shapes):
-            comps.append(clip.build_clip_l(shapes, SD15_CLIP))
-        if any(k.startswith(SDXL_CLIP_L + "text_model.") for k in shapes):
-            comps.append(clip.build_clip_l(shapes, SDXL_CLIP_L))
-        if any(k.startswith(SDXL_CLIP_G) for k in shapes):
-            comps.append(clip.build_clip_g(shapes, SDXL_CLIP_G))
-        return BaseSpec("sdxl" if sdxl else "sd15", comps, {"prefix": up})
-    if "text_model.encoder.layers.0.self_attn.q_proj.weight" in shapes:
-        return BaseSpec("clip_l", [clip.build_clip_l(shapes, "")], {"prefix": ""})
-    if "encoder.block.0.layer.0.SelfAttention.q.weight" in shapes:
-        return BaseSpec("t5xxl", [clip.build_t5(shapes, "")], {"prefix": ""})
-    sample = ", ".join(sorted(shapes)[:3])
-    raise ArchitectureMismatch(
-        f"{name}: not a checkpoint lorakit knows (SD1.5, SDXL, Flux.1, CLIP-L or T5-XXL); first keys: {sample}")
+def detect(shapes: Shapes, name: str = "BASE") -> BaseSpec:
+    """The family of a checkpoint from its key -> shape map, and its components' key maps.
+
+    Every family's signature is tried at each prefix of its main slot; of those that match, the
+    one naming the most keys wins (a look-alike needs one more signature key, never an edit of
+    the record it resembles)."""
+    keys = set(shapes)
+    hits: list[tuple[int, int, Family, str]] = []
+    for order, fam in enumerate(FAMILIES):
+        prefix = next((p for p in fam.slots[0].prefixes if fam.signature.matches(keys, p)), None)
+        if prefix is not None:
+            hits.append((len(fam.signature.all_of), -order, fam, prefix))
+    if not hits:
+        known = ", ".join(f.name.replace("stand-alone ", "") for f in FAMILIES)
+        sample = ", ".join(sorted(shapes)[:3])
+        raise ArchitectureMismatch(f"{name}: not a checkpoint lorakit knows ({known}); first keys: {sample}")
+    _, _, fam, prefix = max(hits)
+    key_list = list(shapes)
+    components = [fam.slots[0].component(shapes, prefix)]
+    for slot in fam.slots[1:]:
+        p = slot.present(key_list)
+        if p is not None:
+            components.append(slot.component(shapes, p))
+    details = {"prefix": prefix, **(fam.details(shapes, prefix) if fam.details else {})}
+    return BaseSpec(fam, components, details)
+
+
+def lora_family(keys: list[str], metadata: dict[str, str]) -> tuple[str | None, str]:
+    """(family id or None, how it was decided) for a LoRA file.
+
+    Metadata that names a family decides; else every family's signals are counted over the keys
+    and the family with the most matching keys wins (a tie is undetermined: the base decides)."""
+    v = metadata.get("ss_base_model_version", "")
+    spec = metadata.get("modelspec.architecture", "")
+    for fam in FAMILIES:
+        if v and v in fam.metadata:
+            return fam.id, f"metadata ss_base_model_version={v}"
+    for fam in FAMILIES:
+        if spec and any(spec.startswith(p) for p in fam.modelspec):
+            return fam.id, f"metadata modelspec.architecture={spec}"
+    scores = []
+    for fam in FAMILIES:
+        rx = [re.compile(s) for s in fam.lora_signals]
+        hits = [k for k in keys if any(r.search(k) for r in rx)]
+        if hits:
+            scores.append((len(hits), fam.id, hits[0]))
+    if not scores:
+        return None, "undetermined"
+    scores.sort(key=lambda s: -s[0])
+    if len(scores) > 1 and scores[0][0] == scores[1][0]:
+        return None, f"undetermined ({scores[0][1]} and {scores[1][1]} match {scores[0][0]} keys each)"
+    _, fid, first = scores[0]
+    return fid, f"key {first}"
+
+
+def claim(module: str, prefer: tuple[str | None, ...] = ()) -> tuple[str, str] | None:
+    """(component kind id, the name prefix that decided) of a LoRA module name no table matched:
+    the families in ``prefer`` first, then all in registry order; the longest claim wins."""
+    order = [BY_ID[f] for f in prefer if f in BY_ID] + list(FAMILIES)
+    for fam in order:
+        best = None
+        for slot in fam.slots:
+            for c in slot.name_claims():
+                if c and module.startswith(c) and (best is None or len(c) > len(best[1])):
+                    best = (slot.kind.id, c)
+        if best is not None:
+            return best
+    return None

@@ -1,4 +1,5 @@
-"""Flux.1 transformer in the BFL layout, with diffusers / XLabs names as (row-sliced) aliases.
+"""Flux.1 (dev / schnell and their fine-tunes): the BFL transformer layout, with diffusers and XLabs
+names as (row-sliced) aliases.
 
 Sizes come from the checkpoint: h = rows(img_attn.qkv) / 3, the mlp width = rows(linear1) - 3h,
 block counts from the keys present.
@@ -6,106 +7,114 @@ block counts from the keys present.
 
 from __future__ import annotations
 
-import re
+from ..keys import count
+from . import conventions as C
+from .modules import Row, Table, View, expand, native_space
+from .spec import DENOISER, Convention, Family, Shapes, Signature, Slot, Target
+from .text import clip_l_slot, t5_slot
 
-from .spec import Component, Target, underscored
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+LEAVES = ("weight", "scale")  # BFL RMSNorm gains are called scale
 
-# diffusers double-block module -> (BFL module, row block): row block i of 3 means [i*h, (i+1)*h)
-DOUBLE = {
-    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
-    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1), "attn.add_v_proj": ("txt_attn.qkv", 2),
-    "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
-    "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
-    "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
-    "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None),
-    "attn.norm_q": ("img_attn.norm.query_norm", None), "attn.norm_k": ("img_attn.norm.key_norm", None),
-    "attn.norm_added_q": ("txt_attn.norm.query_norm", None), "attn.norm_added_k": ("txt_attn.norm.key_norm", None),
+# fused native modules: their row parts, by size name
+FUSED = {
+    "double_blocks.{i}.img_attn.qkv": ("h", "h", "h"),
+    "double_blocks.{i}.txt_attn.qkv": ("h", "h", "h"),
+    "single_blocks.{i}.linear1": ("h", "h", "h", "mlp"),
 }
-SINGLE = {
-    "attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
-    "proj_mlp": ("linear1", "mlp"), "proj_out": ("linear2", None), "norm.linear": ("modulation.lin", None),
-    "attn.norm_q": ("norm.query_norm", None), "attn.norm_k": ("norm.key_norm", None),
-}
-GLOBAL = {
-    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-}
+
+DIFFUSERS = Table("diffusers", (
+    Row("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img_attn.qkv", 0),
+    Row("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img_attn.qkv", 1),
+    Row("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img_attn.qkv", 2),
+    Row("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt_attn.qkv", 0),
+    Row("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt_attn.qkv", 1),
+    Row("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt_attn.qkv", 2),
+    Row("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn.proj"),
+    Row("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn.proj"),
+    Row("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.0"),
+    Row("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.2"),
+    Row("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.0"),
+    Row("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.2"),
+    Row("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.lin"),
+    Row("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.lin"),
+    Row("transformer_blocks.{i}.attn.norm_q", "double_blocks.{i}.img_attn.norm.query_norm", leaf="scale"),
+    Row("transformer_blocks.{i}.attn.norm_k", "double_blocks.{i}.img_attn.norm.key_norm", leaf="scale"),
+    Row("transformer_blocks.{i}.attn.norm_added_q", "double_blocks.{i}.txt_attn.norm.query_norm", leaf="scale"),
+    Row("transformer_blocks.{i}.attn.norm_added_k", "double_blocks.{i}.txt_attn.norm.key_norm", leaf="scale"),
+    Row("single_transformer_blocks.{i}.attn.to_q", "single_blocks.{i}.linear1", 0),
+    Row("single_transformer_blocks.{i}.attn.to_k", "single_blocks.{i}.linear1", 1),
+    Row("single_transformer_blocks.{i}.attn.to_v", "single_blocks.{i}.linear1", 2),
+    Row("single_transformer_blocks.{i}.proj_mlp", "single_blocks.{i}.linear1", 3),
+    Row("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+    Row("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.lin"),
+    Row("single_transformer_blocks.{i}.attn.norm_q", "single_blocks.{i}.norm.query_norm", leaf="scale"),
+    Row("single_transformer_blocks.{i}.attn.norm_k", "single_blocks.{i}.norm.key_norm", leaf="scale"),
+    Row("x_embedder", "img_in"),
+    Row("context_embedder", "txt_in"),
+    Row("proj_out", "final_layer.linear"),
+    Row("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    Row("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    Row("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    Row("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    Row("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    Row("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    Row("norm_out.linear", "final_layer.adaLN_modulation.1", transform="swap_halves"),
+))
 # XLabs x-flux attention processors (BFL block path + processor name)
-XLABS_DOUBLE = {"processor.qkv_lora1": ("img_attn.qkv", None), "processor.proj_lora1": ("img_attn.proj", None),
-                "processor.qkv_lora2": ("txt_attn.qkv", None), "processor.proj_lora2": ("txt_attn.proj", None)}
-XLABS_SINGLE = {"processor.qkv_lora": ("linear1", "qkv"), "processor.proj_lora": ("linear2", None)}
+XLABS = Table("xlabs", (
+    Row("double_blocks.{i}.processor.qkv_lora1", "double_blocks.{i}.img_attn.qkv"),
+    Row("double_blocks.{i}.processor.proj_lora1", "double_blocks.{i}.img_attn.proj"),
+    Row("double_blocks.{i}.processor.qkv_lora2", "double_blocks.{i}.txt_attn.qkv"),
+    Row("double_blocks.{i}.processor.proj_lora2", "double_blocks.{i}.txt_attn.proj"),
+    Row("single_blocks.{i}.processor.qkv_lora", "single_blocks.{i}.linear1", (0, 3)),
+    Row("single_blocks.{i}.processor.proj_lora", "single_blocks.{i}.linear2"),
+))
+# the q/k/v part of linear1 as one module (USO and some trainers)
+LINEAR1_QKV = Table("linear1-qkv", (Row("single_blocks.{i}.linear1_qkv", "single_blocks.{i}.linear1", (0, 3)),))
+TABLES = (DIFFUSERS, XLABS, LINEAR1_QKV)
 
-DIFFUSERS_PREFIXES = ["transformer.", "base_model.model."]  # dotted
-DIFFUSERS_UNDERSCORED = ["lycoris_", "lora_transformer_"]
+BFL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in", "txt_in", "time_in.", "vector_in.",
+             "guidance_in.")
+CONVENTIONS = (
+    C.KOHYA_NATIVE, C.COMFY, C.bare("bfl", BFL_ROOTS),
+    C.PEFT_TRANSFORMER, C.PEFT_BASE_MODEL, C.LYCORIS_DIFFUSERS, C.ONETRAINER,
+    Convention("xlabs", "denoiser", "", ".", "xlabs", roles="xlabs", alpha="none"),
+    Convention("comfy", "denoiser", "diffusion_model.", ".", "linear1-qkv"),
+    Convention("kohya", "denoiser", "lora_unet_", "_", "linear1-qkv"),
+)
 
 
-def param_key(prefix: str, module: str, shapes: dict) -> str | None:
-    for suffix in (".weight", ".scale"):
-        if prefix + module + suffix in shapes:
-            return prefix + module + suffix
-    return None
-
-
-def build(shapes: dict[str, tuple[int, ...]], prefix: str) -> tuple[Component, dict[str, int]]:
-    comp = Component("unet", prefix)
+def dims(shapes: Shapes, prefix: str) -> dict[str, int]:
     h = shapes[prefix + "double_blocks.0.img_attn.qkv.weight"][0] // 3
-    n_double = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"double_blocks\.(\d+)\.", k)))
-    singles = [int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"single_blocks\.(\d+)\.", k))]
-    n_single = 1 + max(singles) if singles else 0
-    l1 = prefix + "single_blocks.0.linear1.weight"
-    mlp = shapes[l1][0] - 3 * h if l1 in shapes else 4 * h
+    l1 = shapes.get(prefix + "single_blocks.0.linear1.weight")
+    return {"h": h, "mlp": l1[0] - 3 * h if l1 else 4 * h}
 
-    def rows_of(block: object) -> tuple[int, int] | None:
-        if block is None:
-            return None
-        if block == "mlp":
-            return (3 * h, 3 * h + mlp)
-        if block == "qkv":
-            return (0, 3 * h)
-        return (block * h, (block + 1) * h)  # type: ignore[operator]
 
-    def add_diffusers(diff: str, bfl: str, block: object, transform: str | None = None) -> None:
-        key = param_key(prefix, bfl, shapes)
-        if key is None:
-            return
-        names = [p + diff for p in DIFFUSERS_PREFIXES] + [p + underscored(diff) for p in DIFFUSERS_UNDERSCORED]
-        comp.add(names, Target(key, rows_of(block), transform))
+def spaces(shapes: Shapes, prefix: str) -> dict[str, dict[str, Target]]:
+    d = dims(shapes, prefix)
+    out = {"native": native_space(shapes, prefix, LEAVES, FUSED, d)}
+    for table in TABLES:
+        out[table.space] = expand(table, shapes, prefix, FUSED, d)
+    return out
 
-    # native BFL names first: every weight/scale of the transformer
-    for key in sorted(shapes):
-        if not key.startswith(prefix):
-            continue
-        path = key[len(prefix):]
-        module, _, leaf = path.rpartition(".")
-        if leaf not in ("weight", "scale") or not module:
-            continue
-        splits = None
-        if module.endswith(("img_attn.qkv", "txt_attn.qkv")):
-            splits = (h, h, h)
-        elif module.endswith("linear1") and module.startswith("single_blocks."):
-            splits = (h, h, h, mlp)
-        comp.add([f"lora_unet_{underscored(module)}", f"diffusion_model.{module}", module], Target(key, splits=splits))
-    for bfl_block, diff_block, count, table, xlabs in (("double_blocks", "transformer_blocks", n_double, DOUBLE, XLABS_DOUBLE),
-                                                       ("single_blocks", "single_transformer_blocks", n_single, SINGLE,
-                                                        XLABS_SINGLE)):
-        for i in range(count):
-            for diff, (bfl, block) in table.items():
-                add_diffusers(f"{diff_block}.{i}.{diff}", f"{bfl_block}.{i}.{bfl}", block)
-            for xl, (bfl, block) in xlabs.items():
-                key = param_key(prefix, f"{bfl_block}.{i}.{bfl}", shapes)
-                if key:
-                    comp.add([f"{bfl_block}.{i}.{xl}"], Target(key, rows_of(block)))
-    for i in range(n_single):
-        key = param_key(prefix, f"single_blocks.{i}.linear1", shapes)
-        if key:  # the q/k/v part of linear1 as one module (USO and some trainers)
-            comp.add([f"diffusion_model.single_blocks.{i}.linear1_qkv", f"lora_unet_single_blocks_{i}_linear1_qkv"],
-                     Target(key, rows_of("qkv")))
-    for diff, bfl in GLOBAL.items():
-        add_diffusers(diff, bfl, None)
-    add_diffusers("norm_out.linear", "final_layer.adaLN_modulation.1", None, "swap_halves")
-    return comp, {"hidden_size": h, "mlp_hidden": mlp, "double_blocks": n_double, "single_blocks": n_single}
+
+def details(shapes: Shapes, prefix: str) -> dict:
+    d = dims(shapes, prefix)
+    keys = [k[len(prefix):] for k in shapes if k.startswith(prefix)]
+    return {"hidden_size": d["h"], "mlp_hidden": d["mlp"], "double_blocks": count(keys, r"double_blocks\.(\d+)\."),
+            "single_blocks": count(keys, r"single_blocks\.(\d+)\.")}
+
+
+FLUX1 = Family(
+    id="flux", name="Flux.1",
+    slots=(Slot(DENOISER, PREFIXES, spaces, CONVENTIONS),
+           clip_l_slot("text_encoders.clip_l.transformer."), t5_slot("text_encoders.t5xxl.transformer.")),
+    signature=Signature(("double_blocks.0.img_attn.qkv.weight",)),
+    lora_signals=(r"double_blocks|single_blocks|single_transformer_blocks|transformer\.transformer_blocks|"
+                  r"lycoris_transformer_blocks|lora_transformer_|lora_te3_|x_embedder",),
+    metadata=("flux1",), modelspec=("flux-1",),
+    details=details,
+    diffusers=View("diffusers FluxTransformer2DModel", Signature(("transformer_blocks.0.attn.to_q.weight",
+                                                                  "x_embedder.weight")), DIFFUSERS),
+)

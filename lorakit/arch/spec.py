@@ -1,8 +1,28 @@
-"""The data every architecture module produces: components and their alias tables."""
+"""The data the model families are made of: targets, conventions, components, families.
+
+* A ``Target`` is a base tensor a LoRA module writes to (a row slice of a fused weight, a fixed
+  re-layout).
+* A *module space* names a component's modules one way: ``native`` (the base file's own names),
+  ``diffusers``, or a family-specific space (XLabs processors, HF CLIP's short names, ...). A
+  component holds, per space, module name -> ``Target``.
+* A ``Convention`` is one LoRA naming: which component, which prefix, ``_`` or ``.`` between path
+  parts, which module space it spells, and how it writes factor roles and alpha. Every LoRA name a
+  component answers to is ``(convention, module, target)`` (an ``Alias``), so the same table reads
+  a file and could write one. Two conventions claiming one name for two targets is an error when
+  the table is built.
+* A ``Family`` is one record per architecture: the slots its components live in, the signature
+  that tells its files apart from look-alikes, the LoRA-side signals, and its diffusers view.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import KeyMapError
+
+Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -48,63 +68,177 @@ class Block:
     offset: int = 0
 
 
-# component id -> (label used in reports, which CLI strength drives it)
-COMPONENTS: dict[str, tuple[str, str]] = {
-    "unet": ("diffusion model (UNet / Flux transformer)", "model"),
-    "clip_l": ("text encoder 1 (CLIP-L)", "clip"),
-    "clip_g": ("text encoder 2 (OpenCLIP bigG)", "clip"),
-    "t5xxl": ("T5-XXL text encoder", "clip"),
-}
+@dataclass(frozen=True)
+class Kind:
+    """A kind of component: its id, its words in reports, and which CLI strength drives it."""
 
-ARCH_NAMES = {
-    "sd15": "SD1.5",
-    "sdxl": "SDXL",
-    "flux": "Flux.1",
-    "clip_l": "stand-alone CLIP-L text encoder",
-    "t5xxl": "stand-alone T5-XXL text encoder",
-}
+    id: str
+    label: str
+    strength: str  # "model" or "clip"
+
+
+DENOISER = Kind("denoiser", "diffusion model (UNet / Flux transformer)", "model")
+CLIP_L = Kind("clip_l", "text encoder 1 (CLIP-L)", "clip")
+CLIP_G = Kind("clip_g", "text encoder 2 (OpenCLIP bigG)", "clip")
+T5XXL = Kind("t5xxl", "T5-XXL text encoder", "clip")
+KINDS = {k.id: k for k in (DENOISER, CLIP_L, CLIP_G, T5XXL)}
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One LoRA naming of one component (see the module docstring).
+
+    ``roles`` names the factor spelling used when writing (``lorakit.formats.roles``); ``alpha`` is
+    where the naming keeps alpha: ``tensor`` (``.alpha``), ``metadata`` (PEFT
+    ``lora_adapter_metadata``) or ``none`` (scale 1). ``roots`` are the leading module names that
+    identify a bare (prefix-less) naming when no table entry matches."""
+
+    name: str
+    kind: str
+    prefix: str
+    sep: str
+    space: str
+    roles: str = "kohya"
+    alpha: str = "tensor"
+    roots: tuple[str, ...] = ()
+
+    def spell(self, module: str) -> str:
+        return self.prefix + (module.replace(".", "_") if self.sep == "_" else module)
+
+    def claims(self) -> tuple[str, ...]:
+        """Name prefixes that put an unknown name into this convention's component."""
+        return (self.prefix,) if self.prefix else self.roots
+
+
+@dataclass(frozen=True)
+class Alias:
+    convention: Convention
+    module: str  # in the convention's space
+    target: Target
 
 
 @dataclass
 class Component:
-    id: str
+    """One component found in a base file: its module spaces and the names LoRAs give them."""
+
+    kind: Kind
     prefix: str  # key prefix of this component inside the base file
-    aliases: dict[str, Target] = field(default_factory=dict)
+    spaces: dict[str, dict[str, Target]]
+    conventions: tuple[Convention, ...]
+    aliases: dict[str, Alias] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for conv in self.conventions:
+            for module, target in self.spaces.get(conv.space, {}).items():
+                name = conv.spell(module)
+                seen = self.aliases.get(name)
+                if seen is None:
+                    self.aliases[name] = Alias(conv, module, target)
+                elif seen.target != target:
+                    raise KeyMapError(f"LoRA name {name!r} would address both {seen.target.describe()} "
+                                      f"({seen.convention.name}) and {target.describe()} ({conv.name})")
+
+    @property
+    def id(self) -> str:
+        return self.kind.id
 
     @property
     def label(self) -> str:
-        return COMPONENTS[self.id][0]
+        return self.kind.label
 
     @property
     def strength_kind(self) -> str:
-        return COMPONENTS[self.id][1]
+        return self.kind.strength
 
-    def add(self, names: list[str], target: Target) -> None:
-        for n in names:
-            # first writer wins: tables list the canonical spelling first
-            self.aliases.setdefault(n, target)
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a family's component lives in a single file and how its tables are built.
+
+    ``prefixes`` are tried in order; the component is present when some key starts with
+    ``prefix + probe``. ``build(shapes, prefix)`` returns the component's module spaces."""
+
+    kind: Kind
+    prefixes: tuple[str, ...]
+    build: Callable[[Shapes, str], dict[str, dict[str, Target]]]
+    conventions: tuple[Convention, ...]
+    probe: str = ""
+    claims: tuple[str, ...] = ()  # more name prefixes of this component no convention spells
+
+    def present(self, keys: list[str]) -> str | None:
+        return next((p for p in self.prefixes if any(k.startswith(p + self.probe) for k in keys)), None)
+
+    def component(self, shapes: Shapes, prefix: str) -> Component:
+        return Component(self.kind, prefix, self.build(shapes, prefix), self.conventions)
+
+    def name_claims(self) -> list[str]:
+        return [c for conv in self.conventions for c in conv.claims()] + list(self.claims)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Keys (relative to the main component's prefix; a trailing ``.`` means "any key under it")
+    that a file of the family has. The family whose signature matches with the most keys wins,
+    so a look-alike (SDXL vs SD1.5) needs only one more key, never an edit of the other record."""
+
+    all_of: tuple[str, ...]
+
+    def matches(self, keys: set[str], prefix: str) -> bool:
+        return all(_has(keys, prefix + k) for k in self.all_of)
+
+
+def _has(keys: set[str], key: str) -> bool:
+    return any(k.startswith(key) for k in keys) if key.endswith(".") else key in keys
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture. ``slots[0]`` is the main component (the denoiser, or the text encoder of a
+    stand-alone encoder file); the rest are optional single-file parts.
+
+    ``lora_signals``: regexes whose matches among a LoRA's keys count for this family;
+    ``metadata``: ``ss_base_model_version`` values, ``modelspec``: ``modelspec.architecture``
+    prefixes that name it. ``own_loras``: LoRAs must be made for this family (stand-alone text
+    encoders take any). ``details(shapes, prefix)``: sizes read from the file, for reports.
+    ``diffusers``: the diffusers view (``arch.diffusers.View``) when diffusers has a layout for it."""
+
+    id: str
+    name: str
+    slots: tuple[Slot, ...]
+    signature: Signature
+    lora_signals: tuple[str, ...] = ()
+    metadata: tuple[str, ...] = ()
+    modelspec: tuple[str, ...] = ()
+    own_loras: bool = True
+    details: Callable[[Shapes, str], dict] | None = None
+    diffusers: object = None
+
+    def signals(self) -> list[re.Pattern]:
+        return [re.compile(s) for s in self.lora_signals]
 
 
 @dataclass
 class BaseSpec:
-    arch: str  # sd15 | sdxl | flux | clip_l | t5xxl
+    """A base file as lorakit sees it: its family, the components present, sizes for reports."""
+
+    family: Family
     components: list[Component]
     details: dict[str, object] = field(default_factory=dict)
 
     @property
+    def arch(self) -> str:
+        return self.family.id
+
+    @property
     def name(self) -> str:
-        return ARCH_NAMES[self.arch]
+        return self.family.name
 
     def component(self, cid: str) -> Component | None:
         return next((c for c in self.components if c.id == cid), None)
 
-    def lookup(self, module: str) -> tuple[Component, Target] | None:
+    def lookup(self, module: str) -> tuple[Component, Alias] | None:
         for c in self.components:
-            t = c.aliases.get(module)
-            if t is not None:
-                return c, t
+            a = c.aliases.get(module)
+            if a is not None:
+                return c, a
         return None
-
-
-def underscored(path: str) -> str:
-    return path.replace(".", "_")

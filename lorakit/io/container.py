@@ -57,6 +57,15 @@ class Container:
         """Bookkeeping of the storage layout (scale tensors, markers), not a model tensor."""
         return codecs.is_aux(key, self.layouts)
 
+    def close(self) -> None:
+        """Release the file (nothing to release for a state dict)."""
+
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class TensorDict(Container):
     """A state dict (name -> tensor) seen as a container; tensors are used in place."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..arch import ARCH_NAMES, detect
+from ..arch import detect, family_name
 from ..errors import SampleError
 from ..io.container import TensorDict
 from ..io.safetensors import SafetensorsFile
@@ -62,7 +62,7 @@ def load(ckpt: str, loras: list[LoraSpec], opt: Options) -> SDPipeline | FluxPip
     """The pipeline for one checkpoint file: SD1.5 / SDXL, or Flux.1 with its encoders and VAE inside."""
     arch, prefix = peek(ckpt)
     if arch not in ("sd15", "sdxl", "flux"):
-        raise SampleError(f"{ckpt}: a {ARCH_NAMES.get(arch, arch)} file is not a checkpoint to sample from")
+        raise SampleError(f"{ckpt}: a {family_name(arch)} file is not a checkpoint to sample from")
     _tokenizers_first(opt, "clip", *(["t5"] if arch == "flux" else []))
     _resolve_dtype(opt, arch)
     sd = _read(ckpt, loras, opt.dtype)
@@ -248,7 +248,7 @@ class FluxPipeline:
         _tokenizers_first(opt, "clip", "t5")
         arch, prefix = peek(unet)
         if arch != "flux":
-            raise SampleError(f"{unet}: --unet must be a Flux.1 transformer, this is {ARCH_NAMES.get(arch, arch)}")
+            raise SampleError(f"{unet}: --unet must be a Flux.1 transformer, this is {family_name(arch)}")
         _resolve_dtype(opt, arch)
         sd = _read(unet, loras, opt.dtype)
         parts = {"unet": {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)
