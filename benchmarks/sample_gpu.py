@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorakit.sampler.flux import Flux, pack  # noqa: E402
+from lorakit.models.flux import Flux, pack  # noqa: E402
 from lorakit.sampler.schedule import FLUX_DEV, Discrete, sigmas  # noqa: E402
-from lorakit.sampler.unet import UNet  # noqa: E402
+from lorakit.models.unet import UNet  # noqa: E402
 
 
 def manifest(name: str, prefix: str, manifests: Path) -> dict[str, tuple[int, ...]]:

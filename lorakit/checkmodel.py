@@ -12,10 +12,10 @@ from torch import nn
 
 from .engine import lowrank_segments, own_merge, reference
 from .io.container import Container
+from .models.flux import Flux, pack
+from .models.layers import Conv2d, Linear, from_state_dict
+from .models.unet import UNet
 from .planner import Op, Plan
-from .sampler.flux import Flux, pack
-from .sampler.layers import Conv2d, Linear, from_state_dict
-from .sampler.unet import UNet
 
 OTHER_COMPONENTS = ("cond_stage_model.", "conditioner.", "first_stage_model.", "text_encoders.", "vae.")
 MEMORY_FRACTION = 0.5  # run when the fp32 denoiser fits in this share of RAM (CPU)

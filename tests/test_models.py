@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.sampler.flux import Flux, FluxConfig, pack
-from lorakit.sampler.layers import timestep_embedding
-from lorakit.sampler.text import CLIPText, OpenCLIPText, T5Encoder
-from lorakit.sampler.unet import UNet
-from lorakit.sampler.vae import AutoencoderKL
+from lorakit.models.flux import Flux, FluxConfig, pack
+from lorakit.models.layers import timestep_embedding
+from lorakit.models.text import CLIPText, OpenCLIPText, T5Encoder
+from lorakit.models.unet import UNet
+from lorakit.models.vae import AutoencoderKL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers  # noqa: E402  (test extras: a missing one is an error, not a skip)

@@ -19,7 +19,7 @@ from lorakit.progress import Progress
 from lorakit.sampler.schedule import FLUX_DEV, FLUX_SCHNELL, Discrete, flux_mu, sigmas
 from lorakit.sampler.tokenize import (ClipTokenizer, T5Tokenizer, TokenizerError, _bytes_to_unicode, clip_tokens,
                                       find, parse_weights, t5_tokens)
-from lorakit.sampler.vae import AutoencoderKL
+from lorakit.models.vae import AutoencoderKL
 from tests.conftest import ROOT
 
 TOKENIZERS = ROOT.parent / "shared" / "tokenizers"

@@ -20,16 +20,16 @@ from ..arch import detect, family_name
 from ..errors import SampleError
 from ..io.container import TensorDict
 from ..io.safetensors import SafetensorsFile
+from ..models.flux import Flux, pack, unpack
+from ..models.layers import from_state_dict, timestep_embedding
+from ..models.text import CLIPText, OpenCLIPText, T5Encoder
+from ..models.unet import UNet
+from ..models.vae import FLUX_LATENT, SD15_LATENT, SDXL_LATENT, AutoencoderKL, LatentFormat
 from ..patch import patch
 from ..planner import LoraSpec
 from ..progress import Progress
-from .flux import Flux, pack, unpack
-from .layers import from_state_dict, timestep_embedding
 from .schedule import Discrete, Flow, sigmas
-from .text import CLIPText, OpenCLIPText, T5Encoder
 from .tokenize import ClipTokenizer, T5Tokenizer, Tokens, clip_tokens, find, t5_tokens
-from .unet import UNet
-from .vae import FLUX_LATENT, SD15_LATENT, SDXL_LATENT, AutoencoderKL, LatentFormat
 
 # stored but not parameters: CLIP position ids (rebuilt; some merges hold bad floats there), OpenCLIP's
 # logit scale, and T5's tied copy of shared.weight

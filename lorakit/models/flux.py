@@ -7,13 +7,13 @@ the weights do not carry.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch.flux import details as flux_details
 from .layers import Linear, RMSNorm, timestep_embedding
 
 Shapes = dict[str, tuple[int, ...]]
@@ -35,11 +35,10 @@ class FluxConfig:
 
     @classmethod
     def from_state_dict(cls, shapes: Shapes, axes: tuple[int, ...] | None = None) -> FluxConfig:
+        sizes = flux_details(shapes, "")  # the family's sizes, read once from the file
         hidden, in_ch = shapes["img_in.weight"]
         head = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-        count = lambda p: 1 + max([int(m.group(1)) for k in shapes if (m := re.match(p, k))], default=-1)  # noqa: E731
-        return cls(hidden, hidden // head, shapes["double_blocks.0.img_mlp.0.weight"][0],
-                   count(r"double_blocks\.(\d+)\."), count(r"single_blocks\.(\d+)\."), in_ch,
+        return cls(hidden, hidden // head, sizes["mlp_hidden"], sizes["double_blocks"], sizes["single_blocks"], in_ch,
                    shapes["txt_in.weight"][1], shapes["vector_in.in_layer.weight"][1],
                    "guidance_in.in_layer.weight" in shapes, axes or _axes(head))
 

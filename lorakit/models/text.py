@@ -7,20 +7,16 @@ given; T5: from the relative-attention table)."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..keys import count
 from .layers import Linear, RMSNorm
 
 Shapes = dict[str, tuple[int, ...]]
-
-
-def _count(shapes: Shapes, pattern: str) -> int:
-    return 1 + max([int(m.group(1)) for k in shapes if (m := re.match(pattern, k))], default=-1)
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class CLIPText(nn.Module):
         self.embeddings.position_embedding = nn.Embedding(shapes["embeddings.position_embedding.weight"][0], dim)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(_HFLayer(dim, inner, heads or max(1, dim // 64), act)
-                                            for _ in range(_count(shapes, r"encoder\.layers\.(\d+)\.")))
+                                            for _ in range(count(shapes, r"encoder\.layers\.(\d+)\.")))
         self.final_layer_norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> ClipOutput:
@@ -133,7 +129,7 @@ class OpenCLIPText(nn.Module):
         self.transformer = nn.Module()
         self.transformer.resblocks = nn.ModuleList(
             _OpenClipBlock(dim, inner, heads or max(1, dim // 64))
-            for _ in range(_count(shapes, r"transformer\.resblocks\.(\d+)\.")))
+            for _ in range(count(shapes, r"transformer\.resblocks\.(\d+)\.")))
         self.ln_final = nn.LayerNorm(dim)
         self.text_projection = nn.Parameter(torch.empty(shapes["text_projection"]))
 
@@ -206,7 +202,7 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(vocab, dim)
         self.encoder = nn.Module()
         self.encoder.block = nn.ModuleList(_T5Block(dim, inner, ff, heads, buckets if i == 0 else None)
-                                           for i in range(_count(shapes, r"encoder\.block\.(\d+)\.")))
+                                           for i in range(count(shapes, r"encoder\.block\.(\d+)\.")))
         self.encoder.final_layer_norm = RMSNorm(dim)
         self.buckets = buckets
 

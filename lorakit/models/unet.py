@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..keys import indices
 from .layers import Conv2d, Linear, attention, group_norm, timestep_embedding
 
 Shapes = dict[str, tuple[int, ...]]
@@ -151,17 +152,13 @@ class Step(nn.Sequential):
         return x
 
 
-def _indices(shapes: Shapes, pattern: str) -> list[int]:
-    return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
-
-
 def _layer(shapes: Shapes, prefix: str, cfg: UNetConfig, emb: int) -> nn.Module:
     if f"{prefix}.in_layers.2.weight" in shapes:
         w = shapes[f"{prefix}.in_layers.2.weight"]
         return ResBlock(w[1], w[0], emb)
     if f"{prefix}.proj_in.weight" in shapes:
         p = shapes[f"{prefix}.proj_in.weight"]
-        depth = len(_indices(shapes, re.escape(prefix) + r"\.transformer_blocks\.(\d+)\."))
+        depth = len(indices(shapes, re.escape(prefix) + r"\.transformer_blocks\.(\d+)\."))
         ctx = shapes[f"{prefix}.transformer_blocks.0.attn2.to_k.weight"][1]
         ff = shapes[f"{prefix}.transformer_blocks.0.ff.net.2.weight"][1]
         return SpatialTransformer(p[0], ctx, cfg.heads(p[0]), depth, ff, len(p) == 2)
@@ -173,7 +170,7 @@ def _layer(shapes: Shapes, prefix: str, cfg: UNetConfig, emb: int) -> nn.Module:
 
 
 def _step(shapes: Shapes, prefix: str, cfg: UNetConfig, emb: int) -> Step:
-    return Step(*[_layer(shapes, f"{prefix}.{j}", cfg, emb) for j in _indices(shapes, re.escape(prefix) + r"\.(\d+)\.")])
+    return Step(*[_layer(shapes, f"{prefix}.{j}", cfg, emb) for j in indices(shapes, re.escape(prefix) + r"\.(\d+)\.")])
 
 
 class UNet(nn.Module):
@@ -184,12 +181,12 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(Linear(mc, emb), nn.SiLU(), Linear(emb, emb))
         if cfg.adm_channels:
             self.label_emb = nn.Sequential(nn.Sequential(Linear(cfg.adm_channels, emb), nn.SiLU(), Linear(emb, emb)))
-        blocks = _indices(shapes, r"input_blocks\.(\d+)\.")
+        blocks = indices(shapes, r"input_blocks\.(\d+)\.")
         self.input_blocks = nn.ModuleList([Step(Conv2d(cfg.in_channels, mc, 3, padding=1))] +
                                           [_step(shapes, f"input_blocks.{i}", cfg, emb) for i in blocks[1:]])
         self.middle_block = _step(shapes, "middle_block", cfg, emb)
         self.output_blocks = nn.ModuleList(_step(shapes, f"output_blocks.{i}", cfg, emb)
-                                           for i in _indices(shapes, r"output_blocks\.(\d+)\."))
+                                           for i in indices(shapes, r"output_blocks\.(\d+)\."))
         out_ch = shapes["out.0.weight"][0]
         self.out = nn.Sequential(group_norm(out_ch), nn.SiLU(), Conv2d(out_ch, cfg.out_channels, 3, padding=1))
 

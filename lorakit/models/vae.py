@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..keys import indices
+
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -85,9 +87,9 @@ def _levels(shapes: Shapes, side: str) -> nn.ModuleList:
     level's down- or upsampler when the file has one."""
     kind, resample = ("down", "downsample") if side == "encoder" else ("up", "upsample")
     out = nn.ModuleList()
-    for i in sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{side}\.{kind}\.(\d+)\.block\.", k))}):
+    for i in indices(shapes, rf"{side}\.{kind}\.(\d+)\.block\."):
         p = f"{side}.{kind}.{i}"
-        js = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{re.escape(p)}\.block\.(\d+)\.", k))})
+        js = indices(shapes, rf"{re.escape(p)}\.block\.(\d+)\.")
         convs = [shapes[f"{p}.block.{j}.conv1.weight"] for j in js]
         level = nn.Module()
         level.block = nn.ModuleList(ResnetBlock(c[1], c[0]) for c in convs)
