@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 # (mantissa bits, smallest normal exponent) per float dtype
 FLOAT_BITS = {torch.float16: (10, -14), torch.bfloat16: (7, -126), torch.float32: (23, -126),
@@ -87,3 +91,48 @@ def check_stochastic_stats(stats: list[dict]) -> None:
     for k, (u, f, v) in total.items():
         sd = math.sqrt(v) if v > 0 else 0.0
         assert abs(u - f) <= 6 * sd + 1e-9, f"stochastic rounding biased in group {k}: {u} rounded up, expected {f:.1f} ± {sd:.1f}"
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def verify(case: dict, zoo: Path, out: Path) -> None:
+    """A successful case's OUT against its expected file, by the README's rules."""
+    base, base_meta = read(zoo / case["base"])
+    got, meta = read(out)
+    assert set(got) == set(base), "OUT must have exactly BASE's keys"
+    assert "lorakit" in meta and {k: v for k, v in meta.items() if k != "lorakit"} == base_meta
+    expected, _ = read(zoo / case["expect"]["output"])
+    mode = case["flags"].get("rounding") or "stochastic"
+    stats = []
+    for key, b in base.items():
+        o = got[key]
+        assert o.shape == b.shape and o.dtype == b.dtype, key
+        if key not in expected:
+            assert torch.equal(_bits(o), _bits(b)), f"{key}: untouched tensor changed"
+            continue
+        e = expected[key]
+        if o.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            stats.append(check_fp8(o, b, e, mode, key))
+        else:
+            check_float(o, e, key)
+    if mode == "stochastic" and any(stats):
+        check_stochastic_stats(stats)
+
+
+def digests(path: Path) -> dict[str, str]:
+    """sha256 of a file's tensors (names and bytes, in key order) and of its metadata without the
+    ``lorakit`` provenance entry (which names the version)."""
+    tensors, meta = read(path)
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(_bits(tensors[k]).numpy().tobytes())
+    rest = {k: v for k, v in meta.items() if k != "lorakit"}
+    return {"tensors": h.hexdigest(), "metadata": hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()}

@@ -137,13 +137,16 @@ def test_loha_bypass() -> None:
 
 
 def test_oft_bypass_and_orthogonality() -> None:
+    """Against the Cayley transform written out independently (float64, a solve instead of an
+    inverse): R = (I + Q)(I - Q)^-1 with Q = B - B^T per block; the output is R^T-block (W x)."""
     g = torch.Generator().manual_seed(4)
     blocks = torch.randn(3, 4, 4, generator=g) * 0.1
     w, x = torch.randn(12, 5, generator=g), torch.randn(6, 5, generator=g)
-    adapter, _, _ = select({"oft_blocks": blocks}, None)
-    r = adapter.rotation()
-    assert torch.allclose(r @ r.transpose(1, 2), torch.eye(4).expand(3, 4, 4), atol=1e-5)
-    rot = torch.block_diag(*r).T  # y = R^T-block (W x)
+    q = blocks.double() - blocks.double().transpose(1, 2)
+    eye = torch.eye(4, dtype=torch.float64).expand(3, 4, 4)
+    r = torch.linalg.solve((eye - q).transpose(1, 2), (eye + q).transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-12)
+    rot = torch.block_diag(*r).T.float()  # y = R^T-block (W x)
     _close(x @ merged({"oft_blocks": blocks}, w).T, (x @ w.T) @ rot.T)
 
 
@@ -221,3 +224,26 @@ def test_ia3_bypass() -> None:
     g = torch.Generator().manual_seed(9)
     w, x, v = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(6, generator=g)
     _close(x @ merged({"ia3_weight": v}, w, 0.5).T, (x @ w.T) * (1 + 0.5 * v))
+
+
+@pytest.mark.parametrize("kernel", [(3,), (3, 3, 3)], ids=["conv1d", "conv3d"])
+def test_locon_tucker_on_conv1d_and_conv3d(kernel: tuple[int, ...]) -> None:
+    """The Tucker core's kernel has mid.ndim - 2 dimensions, whatever the conv."""
+    g = torch.Generator().manual_seed(10)
+    conv = F.conv1d if len(kernel) == 1 else F.conv3d
+    w = torch.randn(6, 4, *kernel, generator=g)
+    x = torch.randn(2, 4, *([5] * len(kernel)), generator=g)
+    ones = (1,) * len(kernel)
+    down, mid, up = (torch.randn(2, 4, *ones, generator=g), torch.randn(2, 2, *kernel, generator=g),
+                     torch.randn(6, 2, *ones, generator=g))
+    adapter, _, _ = select({"up": up, "down": down, "mid": mid}, None)
+    assert adapter.check(tuple(w.shape)) is None
+    y_bypass = conv(x, w, padding=1) + conv(conv(conv(x, down), mid, padding=1), up)
+    _close(conv(x, merged({"up": up, "down": down, "mid": mid}, w), padding=1), y_bypass)
+
+
+def test_bias_only_full_diff_checks_without_a_weight_change() -> None:
+    adapter, _, _ = select({"diff_b": T([1.0, 2.0])}, None)
+    assert not adapter.changes_weight and adapter.check((2, 3)) is None
+    adapter, _, _ = select({"diff": torch.ones(3, 3)}, None)
+    assert adapter.check((2, 3)) is not None

@@ -8,23 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorakit.cli import main
+from tests.helpers import cli
 
-GOOD = [
-    ("base/sd15/sd15_tiny_single_file.safetensors", "kohya/sd15_kohya_lora.safetensors:0.7:0.3"),
-    ("base/sdxl/sdxl_tiny_single_file.safetensors", "kohya/sdxl_kohya_lora_subset.safetensors:1.0"),
-    ("base/sd15/sd15_tiny_single_file.safetensors", "lycoris/sd15_lycoris_loha_subset.safetensors:0.8:0.5"),
-    ("base/flux/flux1_tiny_dev_bfl.safetensors", "flux/flux_aitoolkit_lora.safetensors:0.7"),
-    ("base/flux/flux1_tiny_dev_fp8_e4m3fn_scaled.safetensors", "flux/flux_bfl_noprefix.safetensors:1.0"),
-]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+GOOD = {
+    "sd15_kohya": ("base/sd15/sd15_tiny_single_file.safetensors", "kohya/sd15_kohya_lora.safetensors:0.7:0.3"),
+    "sdxl_kohya": ("base/sdxl/sdxl_tiny_single_file.safetensors", "kohya/sdxl_kohya_lora_subset.safetensors:1.0"),
+    "sd15_loha": ("base/sd15/sd15_tiny_single_file.safetensors", "lycoris/sd15_lycoris_loha_subset.safetensors:0.8:0.5"),
+    "flux_aitoolkit": ("base/flux/flux1_tiny_dev_bfl.safetensors", "flux/flux_aitoolkit_lora.safetensors:0.7"),
+    "flux_scaled_fp8_bfl": ("base/flux/flux1_tiny_dev_fp8_e4m3fn_scaled.safetensors",
+                            "flux/flux_bfl_noprefix.safetensors:1.0"),
+}
 
 
 def merge(zoo: Path, base: str, lora: str, out: Path, *extra: str) -> None:
@@ -47,7 +43,7 @@ def rewrite(src: Path, dst: Path, change) -> None:
     save_file(tensors, dst, meta)
 
 
-@pytest.mark.parametrize("base, lora", GOOD, ids=[g[1].split("/")[1].split(".")[0] for g in GOOD])
+@pytest.mark.parametrize("base, lora", list(GOOD.values()), ids=list(GOOD))
 def test_correct_merges_pass(zoo: Path, tmp_path: Path, base: str, lora: str) -> None:
     out = tmp_path / "merged.safetensors"
     merge(zoo, base, lora, out)
@@ -62,12 +58,12 @@ def test_correct_merges_pass(zoo: Path, tmp_path: Path, base: str, lora: str) ->
 
 
 def test_in_memory_check_passes(zoo: Path) -> None:
-    code, rep = run_check(zoo, *GOOD[0])
+    code, rep = run_check(zoo, *GOOD["sd15_kohya"])
     assert code == 0 and rep["merged"] is None and rep["model"]["status"] == "ok"
 
 
 def test_dropped_layer_fails(zoo: Path, tmp_path: Path) -> None:
-    base, lora = GOOD[0]
+    base, lora = GOOD["sd15_kohya"]
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     merge(zoo, base, lora, good)
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
@@ -82,7 +78,7 @@ def test_dropped_layer_fails(zoo: Path, tmp_path: Path) -> None:
 
 def test_wrong_alpha_fails(zoo: Path, tmp_path: Path) -> None:
     """A merge that used twice the alpha (a tool ignoring the .alpha keys does this for alpha = r/2)."""
-    base, lora = GOOD[0]
+    base, lora = GOOD["sd15_kohya"]
     path = lora.split(":")[0]
     factors = load_file(zoo / path)
     with safe_open(str(zoo / path), "pt") as f:
@@ -102,7 +98,7 @@ def test_wrong_alpha_fails(zoo: Path, tmp_path: Path) -> None:
 
 def test_wrong_qkv_slice_fails(zoo: Path, tmp_path: Path) -> None:
     """The q LoRA landed on the k rows and vice versa in one fused qkv."""
-    base, lora = GOOD[3]
+    base, lora = GOOD["flux_aitoolkit"]
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     merge(zoo, base, lora, good)
     key = "double_blocks.0.img_attn.qkv.weight"
@@ -122,7 +118,7 @@ def test_wrong_qkv_slice_fails(zoo: Path, tmp_path: Path) -> None:
 
 
 def test_untouched_change_and_nan_fail(zoo: Path, tmp_path: Path) -> None:
-    base, lora = GOOD[3]
+    base, lora = GOOD["flux_aitoolkit"]
     good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
     merge(zoo, base, lora, good)
     touched = [t["key"] for t in run_check(zoo, base, lora, good)[1]["tensors"]]

@@ -24,38 +24,11 @@ import torch
 
 pytest.importorskip("triton", reason="triton is a Linux-only test extra (pip install 'lorakit[test]' on Linux)")
 
-from lorakit import codecs  # noqa: E402
 from lorakit.errors import BackendUnavailable  # noqa: E402
-from lorakit.ops import Prepared, Segment, Update, as_matrix, choose_backend, update_many_  # noqa: E402
+from lorakit.ops import Prepared, Segment, Update, choose_backend, update_many_  # noqa: E402
 from tests.golden_compare import ulp  # noqa: E402
-
-W_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def grid(g: torch.Generator, *shape: int, dtype=torch.float16, q: int = 64) -> torch.Tensor:
-    return (torch.randint(-32, 33, shape, generator=g).float() / q).to(dtype)
-
-
-def model(g: torch.Generator, wdtype: torch.dtype, fdtype: torch.dtype, factors=grid) -> list[Update]:
-    """Three weights of a small model: a linear with two LoRAs, a fused qkv with one LoRA per
-    row slice plus one on the whole, a 3x3 conv (4-D); scaled fp8 on the linear."""
-    lin = (torch.randn(70, 150, generator=g) * 0.3).to(wdtype)
-    qkv = (torch.randn(96, 40, generator=g) * 0.3).to(wdtype)
-    conv = (torch.randn(24, 8, 3, 3, generator=g) * 0.3).to(wdtype)
-    f = lambda *s: factors(g, *s, dtype=fdtype)  # noqa: E731
-    return [
-        Update(lin, [Segment(f(70, 8), f(8, 150), 0.37), Segment(f(70, 20), f(20, 150), -1.3)], key="lin",
-               codec=codecs.scaled(wdtype, 0.75) if wdtype in FP8 else None),
-        Update(qkv, [Segment(f(32, 4), f(4, 40), 1.0, (0, 32)), Segment(f(32, 4), f(4, 40), 0.5, (64, 96)),
-                     Segment(f(96, 16), f(16, 40), 0.25)], key="qkv"),
-        Update(conv, [Segment(f(24, 4, 1, 1), f(4, 8, 3, 3), 2.0)], key="conv"),
-    ]
-
+from tests.helpers import FP8, W_DTYPES, bits, float64_reference, grid  # noqa: E402
+from tests.helpers import kernel_model as model  # noqa: E402
 
 def run(updates: list[Update], backend: str, rounding: str, seed: int = 3) -> list[Update]:
     copies = [Update(u.w.clone(), u.segments, u.key, u.codec) for u in updates]
@@ -88,19 +61,6 @@ def test_fp8_saturation_counts_and_subnormals(wdtype: torch.dtype) -> None:
         assert ref[0].saturated > 0 and ker[0].saturated == ref[0].saturated
         for r, k in zip(ref, ker):
             assert torch.equal(bits(k.w), bits(r.w))
-
-
-def float64_reference(u: Update) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact result (float64) and the magnitude |W| + sum |s| |up| @ |down| that bounds
-    the fp32 accumulation error."""
-    w = u.w.double().reshape(u.w.shape[0], -1) * (u.codec.scale or 1.0)
-    exact, mag = w.clone(), w.abs()
-    for g in u.segments:
-        r0, r1 = g.span(u.w.shape[0])
-        up, down = as_matrix(g.up).double(), as_matrix(g.down).double()
-        exact[r0:r1] += g.scale * (up @ down)
-        mag[r0:r1] += abs(g.scale) * (up.abs() @ down.abs())
-    return exact, mag
 
 
 @pytest.mark.parametrize("wdtype", W_DTYPES, ids=str)

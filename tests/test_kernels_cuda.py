@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit import codecs
 from lorakit.ops import Segment, Update, choose_backend, update_many_
-from tests.test_kernels import FP8, W_DTYPES, bits, float64_reference, model
-from tests.test_patch import same
-from tests.test_zoo_cases import CASES, command, run, verify
-from tests.golden_compare import ulp
+from tests.golden_compare import ulp, verify
+from tests.helpers import FP8, W_DTYPES, bits, case_command, cli, float64_reference, load_cases
+from tests.helpers import differing as same
+from tests.helpers import kernel_model as model
+
+CASES = load_cases("cases.json")
 
 pytestmark = pytest.mark.cuda
 SUCCESS = [c for c in CASES if c["expect"]["exit"] == "success"]
@@ -74,7 +76,7 @@ def test_merge_device_cuda(case: dict, zoo: Path, tmp_path: Path) -> None:
     if missing:  # the device machine gets a zoo without SDXL (benchmarks/prepare_gpu_carry.sh)
         pytest.skip(f"zoo files not carried to this machine: {', '.join(missing)}")
     out = tmp_path / "merged.safetensors"
-    res = run(command(case, zoo, out, extra=("--device", "cuda")))
+    res = cli(*case_command(case, zoo, out, extra=("--device", "cuda")))
     assert res.exit_code == 0, res.output
     verify(case, zoo, out)
 

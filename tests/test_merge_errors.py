@@ -9,20 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import lorakit.merge
-from lorakit.cli import main
 from lorakit.io.safetensors import save_file
 from tests.conftest import ZOO
+from tests.helpers import cli
 
 SD15 = ZOO / "base/sd15/sd15_tiny_single_file.safetensors"
 KOHYA = ZOO / "kohya/sd15_kohya_lora.safetensors"
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def sha(p: Path) -> str:

@@ -19,6 +19,7 @@ from lorakit.models.layers import timestep_embedding
 from lorakit.models.text import CLIPText, OpenCLIPText, T5Encoder
 from lorakit.models.unet import UNet
 from lorakit.models.vae import AutoencoderKL
+from tests.helpers import autoencoder_shapes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import diffusers  # noqa: E402  (test extras: a missing one is an error, not a skip)
@@ -166,7 +167,7 @@ def test_flux_ae_layout() -> None:
     ref = diffusers.AutoencoderKL(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                                   up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=16, layers_per_block=1,
                                   use_quant_conv=False, use_post_quant_conv=False)
-    ours = AutoencoderKL(_ae_shapes(32, 64))
+    ours = AutoencoderKL(autoencoder_shapes(32, 64))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in ours.parameters():
@@ -178,18 +179,6 @@ def test_flux_ae_layout() -> None:
     with torch.no_grad():
         assert rel(ours.decode(z), ref.decode(z).sample) <= TOL
         assert rel(ours.encode(img), ref.encode(img).latent_dist.mean) <= TOL
-
-
-def _ae_shapes(c0: int, c1: int) -> dict[str, tuple[int, ...]]:
-    """LDM key shapes of a 2-level autoencoder, 1 block per encoder level, 16 latent channels."""
-    return {"encoder.conv_in.weight": (c0, 3, 3, 3), "encoder.norm_out.weight": (c1,),
-            "encoder.conv_out.weight": (32, c1, 3, 3), "decoder.conv_in.weight": (c1, 16, 3, 3),
-            "decoder.norm_out.weight": (c0,), "decoder.conv_out.weight": (3, c0, 3, 3),
-            "encoder.down.0.block.0.conv1.weight": (c0, c0, 3, 3), "encoder.down.0.downsample.conv.weight": (c0, c0, 3, 3),
-            "encoder.down.1.block.0.conv1.weight": (c1, c0, 3, 3),
-            "decoder.up.1.block.0.conv1.weight": (c1, c1, 3, 3), "decoder.up.1.block.1.conv1.weight": (c1, c1, 3, 3),
-            "decoder.up.1.upsample.conv.weight": (c1, c1, 3, 3),
-            "decoder.up.0.block.0.conv1.weight": (c0, c1, 3, 3), "decoder.up.0.block.1.conv1.weight": (c0, c0, 3, 3)}
 
 
 REAL_LAYOUTS = [("sd15_v1-5-pruned-emaonly.json", "model.diffusion_model.", UNet),

@@ -137,7 +137,7 @@ def tiny_tokenizers(folder: Path) -> Path:
 
 def tiny_ae(path: Path) -> Path:
     """A random 16-channel autoencoder in the Flux ae.safetensors layout (2 levels)."""
-    from tests.test_models import _ae_shapes
+    from tests.helpers import autoencoder_shapes as _ae_shapes
 
     ae = AutoencoderKL(_ae_shapes(32, 32))
     g = torch.Generator().manual_seed(0)

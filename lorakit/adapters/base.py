@@ -14,7 +14,8 @@ DORA_EPS = torch.finfo(torch.float32).eps
 class Adapter:
     """One LoRA module's weight change for one target, in fp32.
 
-    Subclasses set ``algo``, ``required`` / ``optional`` roles and implement ``lowrank()``
+    ``factors`` maps roles to the file's tensors. Subclasses set ``algo``, ``required`` / ``optional``
+    roles and implement ``lowrank()``
     (``(up, down)`` when the change is a product of two factors) or ``full_delta(w)``.
     ``scale`` is alpha/rank (1 when the file defines none). A ``dora_scale`` role turns any
     adapter into its DoRA form (weight-decomposed, see ``apply_``).
@@ -26,10 +27,10 @@ class Adapter:
     # roles every algorithm may carry besides its own factors
     common = frozenset({"alpha", "dora_scale"})
 
-    def __init__(self, t: dict[str, torch.Tensor], default_alpha: float | None = None) -> None:
-        self.t = t
+    def __init__(self, factors: dict[str, torch.Tensor], default_alpha: float | None = None) -> None:
+        self.factors = factors  # role -> tensor, as the file stores them
         self.default_alpha = default_alpha
-        self.dora_scale = t.get("dora_scale")
+        self.dora_scale = factors.get("dora_scale")
 
     @classmethod
     def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
@@ -65,7 +66,7 @@ class Adapter:
 
     # -- shared --------------------------------------------------------------------------
     def alpha(self) -> float | None:
-        a = self.t.get("alpha")
+        a = self.factors.get("alpha")
         if a is not None:
             return float(a.float().item())
         return self.default_alpha

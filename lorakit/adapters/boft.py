@@ -36,7 +36,7 @@ class BOFT(Rotation):
         return butterfly(w, r)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        m, n, b, _ = self.t["oft_blocks"].shape
+        m, n, b, _ = self.factors["oft_blocks"].shape
         if n * b != shape[0] or b % 2 or any((n * b) % (2 ** (i + 1) * (b // 2)) for i in range(m)):
             return f"BOFT blocks [{m}, {n}, {b}, {b}] do not fit the {shape[0]} rows of {shape}"
         return None

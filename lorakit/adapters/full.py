@@ -18,19 +18,19 @@ class Full(Adapter):
 
     @property
     def changes_weight(self) -> bool:
-        return "diff" in self.t  # a diff_b-only module changes just the bias
+        return "diff" in self.factors  # a diff_b-only module changes just the bias
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        return self.t["diff"].float().to(w.device).reshape(w.shape)
+        return self.factors["diff"].float().to(w.device).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        d = self.t.get("diff")
-        if d is not None and d.numel() != torch.Size(shape).numel() or d.shape[0] != shape[0]:
+        d = self.factors.get("diff")
+        if d is not None and (d.numel() != torch.Size(shape).numel() or d.dim() == 0 or d.shape[0] != shape[0]):
             return f"diff {tuple(d.shape)} does not match target {shape}"
         return None
 
     def bias_delta(self) -> torch.Tensor | None:
-        b = self.t.get("diff_b")
+        b = self.factors.get("diff_b")
         return None if b is None else b.float()
 
 
@@ -41,10 +41,10 @@ class Set(Adapter):
     required = frozenset({"set"})
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        v = self.t["set"]
+        v = self.factors["set"]
         if tuple(v.shape) != tuple(shape):
             return f"replacement {tuple(v.shape)} does not match target {shape}"
         return None
 
     def apply_(self, w: torch.Tensor, strength: float) -> None:
-        w.copy_(self.t["set"].float().to(w.device))
+        w.copy_(self.factors["set"].float().to(w.device))

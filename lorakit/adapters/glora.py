@@ -16,7 +16,7 @@ class GLoRA(Adapter):
     required = frozenset({"a1", "a2", "b1", "b2"})
 
     def _layout(self, shape: tuple[int, ...] | None) -> tuple[bool, int]:
-        a1, a2, b1, b2 = (self.t[k] for k in ("a1", "a2", "b1", "b2"))
+        a1, a2, b1, b2 = (self.factors[k] for k in ("a1", "a2", "b1", "b2"))
         old, rank = False, None
         if b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]:
             old, rank = True, int(a1.shape[0])
@@ -35,7 +35,7 @@ class GLoRA(Adapter):
         return self.alpha_over_rank()
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        a1, a2, b1, b2 = (self.t[k].flatten(1).float().to(w.device) for k in ("a1", "a2", "b1", "b2"))
+        a1, a2, b1, b2 = (self.factors[k].flatten(1).float().to(w.device) for k in ("a1", "a2", "b1", "b2"))
         old, _ = self._layout(tuple(w.shape))
         w2 = w.reshape(w.shape[0], -1)
         if old:

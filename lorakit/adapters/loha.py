@@ -10,8 +10,8 @@ from .base import Adapter
 def _factor(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         return a.float() @ b.float()
-    # Tucker (LyCORIS use_tucker): t [r, r, kh, kw], b [r, in], a [r, out] -> [out, in, kh, kw]
-    return torch.einsum("ijkl,jr,ip->prkl", t.float(), b.float(), a.float())
+    # Tucker (LyCORIS use_tucker): t [r, r, *kernel], b [r, in], a [r, out] -> [out, in, *kernel]
+    return torch.einsum("ij...,jr,ip->pr...", t.float(), b.float(), a.float())
 
 
 class LoHa(Adapter):
@@ -21,19 +21,19 @@ class LoHa(Adapter):
 
     @property
     def rank(self) -> int:
-        return int(self.t["hada_w1_b"].shape[0])
+        return int(self.factors["hada_w1_b"].shape[0])
 
     @property
     def scale(self) -> float:
         return self.alpha_over_rank()
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        t = self.t
+        t = self.factors
         d = _factor(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1")) * _factor(t["hada_w2_a"], t["hada_w2_b"], t.get("hada_t2"))
         return d.to(w.device).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
         n = torch.Size(shape).numel()
-        t = self.t
+        t = self.factors
         got = _factor(t["hada_w1_a"], t["hada_w1_b"], t.get("hada_t1")).numel()
         return None if got == n else f"LoHa product has {got} elements, target {shape} has {n}"

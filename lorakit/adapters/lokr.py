@@ -23,35 +23,35 @@ class LoKr(Adapter):
 
     @property
     def rank(self) -> int | None:
-        if "lokr_w2" not in self.t:
-            return int(self.t["lokr_w2_b"].shape[0])
-        if "lokr_w1" not in self.t:
-            return int(self.t["lokr_w1_b"].shape[0])
+        if "lokr_w2" not in self.factors:
+            return int(self.factors["lokr_w2_b"].shape[0])
+        if "lokr_w1" not in self.factors:
+            return int(self.factors["lokr_w1_b"].shape[0])
         return None
 
     @property
     def scale(self) -> float:
         return self.alpha_over_rank() if self.rank is not None else 1.0
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.t
+    def kron_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.factors
         w1 = t["lokr_w1"].float() if "lokr_w1" in t else t["lokr_w1_a"].float() @ t["lokr_w1_b"].float()
         if "lokr_w2" in t:
             w2 = t["lokr_w2"].float()
         elif "lokr_t2" in t:
-            w2 = torch.einsum("ijkl,jr,ip->prkl", t["lokr_t2"].float(), t["lokr_w2_b"].float(), t["lokr_w2_a"].float())
+            w2 = torch.einsum("ij...,jr,ip->pr...", t["lokr_t2"].float(), t["lokr_w2_b"].float(), t["lokr_w2_a"].float())
         else:
             w2 = t["lokr_w2_a"].float() @ t["lokr_w2_b"].float()
-        if w2.dim() == 4:
-            w1 = w1[:, :, None, None]
+        if w2.dim() > 2:  # conv kernels: w1 spans the channels only
+            w1 = w1.reshape(tuple(w1.shape) + (1,) * (w2.dim() - 2))
         return w1, w2
 
     def full_delta(self, w: torch.Tensor) -> torch.Tensor:
-        w1, w2 = self.factors()
+        w1, w2 = self.kron_factors()
         return torch.kron(w1, w2).to(w.device).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        w1, w2 = self.factors()
+        w1, w2 = self.kron_factors()
         n, got = torch.Size(shape).numel(), w1.numel() * w2.numel()
         if got != n or w1.shape[0] * w2.shape[0] != shape[0]:
             return f"kron({tuple(w1.shape)}, {tuple(w2.shape)}) does not fit target {shape}"

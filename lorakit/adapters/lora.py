@@ -15,14 +15,14 @@ class LoRA(Adapter):
 
     @property
     def rank(self) -> int:
-        return int(self.t["down"].shape[0]) // self.split_parts
+        return int(self.factors["down"].shape[0]) // self.split_parts
 
     def detect_split(self, splits: tuple[int, ...]) -> bool:
         """kohya ``split_qkv``: q/k/v(/mlp) LoRAs of rank r saved fused, down = cat (rank n*r), up
         block-diagonal. Its alpha is per part, so the scale is alpha/r, not alpha/(n*r)."""
-        up, down = self.t["up"], self.t["down"]
+        up, down = self.factors["up"], self.factors["down"]
         n = len(splits)
-        if "mid" in self.t or up.dim() != 2 or down.shape[0] % n or sum(splits) != up.shape[0]:
+        if "mid" in self.factors or up.dim() != 2 or down.shape[0] % n or sum(splits) != up.shape[0]:
             return False
         r = down.shape[0] // n
         row = 0
@@ -42,24 +42,26 @@ class LoRA(Adapter):
 
     @property
     def algo(self) -> str:  # type: ignore[override]  # lora, locon or locon-tucker: read from the factors
-        if "mid" in self.t:
+        if "mid" in self.factors:
             return "locon-tucker"
-        return "locon" if self.t["down"].dim() == 4 and self.t["down"].shape[2:] != (1, 1) else "lora"
+        down = self.factors["down"]
+        return "locon" if down.dim() > 2 and any(k != 1 for k in down.shape[2:]) else "lora"
 
     def down(self) -> torch.Tensor:
-        down = self.t["down"].float()
-        mid = self.t.get("mid")
+        down = self.factors["down"].float()
+        mid = self.factors.get("mid")
         if mid is None:
             return down
-        # Tucker: down [r, in, 1, 1] and mid [r, r, kh, kw] -> [r, in, kh, kw]
-        return torch.einsum("abhw,bc->achw", mid.float(), down.reshape(down.shape[0], -1))
+        # Tucker: down [r, in, 1, ...] and mid [r, r, *kernel] -> [r, in, *kernel]; the kernel has
+        # mid.ndim - 2 dimensions (Conv1d / Conv2d / Conv3d)
+        return torch.einsum("ab...,bc->ac...", mid.float(), down.reshape(down.shape[0], -1))
 
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.t["up"].float(), self.down()
+        return self.factors["up"].float(), self.down()
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        up, down = self.t["up"], self.t["down"]
-        mid = self.t.get("mid")
+        up, down = self.factors["up"], self.factors["down"]
+        mid = self.factors.get("mid")
         r = down.shape[0]
         if up.dim() < 2 or up.shape[1] != r or numel(tuple(up.shape[2:])) != 1:
             return f"up {tuple(up.shape)} does not match down {tuple(down.shape)} (rank {r})"
@@ -67,14 +69,15 @@ class LoRA(Adapter):
             return f"up has {up.shape[0]} rows, target has {shape[0]}"
         inner = numel(tuple(shape[1:]))
         if mid is not None:
-            if mid.dim() != 4 or mid.shape[:2] != (r, r) or len(shape) != 4 or tuple(mid.shape[2:]) != tuple(shape[2:]):
+            if mid.dim() < 3 or mid.shape[:2] != (r, r) or len(shape) != mid.dim() or tuple(mid.shape[2:]) != tuple(shape[2:]):
                 return f"lora_mid {tuple(mid.shape)} does not fit target {shape}"
             inner = shape[1]
         got = numel(tuple(down.shape[1:]))
-        if got != inner or (down.dim() == 4 and len(shape) == 4 and mid is None and tuple(down.shape[1:]) != tuple(shape[1:])):
+        if got != inner or (down.dim() > 2 and len(shape) == down.dim() and mid is None
+                            and tuple(down.shape[1:]) != tuple(shape[1:])):
             return f"down {tuple(down.shape)} does not fit target {shape}"
         return None
 
     def bias_delta(self) -> torch.Tensor | None:
-        b = self.t.get("up_bias")
+        b = self.factors.get("up_bias")
         return None if b is None else b.float()

@@ -31,7 +31,7 @@ class Rotation(Adapter):
     optional = frozenset({"rescale"})
 
     def rotation(self) -> torch.Tensor:
-        return cayley(self.t["oft_blocks"].float(), self.alpha() or 0.0)
+        return cayley(self.factors["oft_blocks"].float(), self.alpha() or 0.0)
 
     def rotate(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -49,7 +49,7 @@ class Rotation(Adapter):
         r = self.rotation().to(w.device)
         eye = torch.eye(r.shape[-1], device=w.device)
         rotated = self.rotate(w, eye + strength * (r - eye))
-        rescale = self.t.get("rescale")
+        rescale = self.factors.get("rescale")
         if rescale is not None:
             rotated = rotated * rescale.float().to(w.device).reshape(w.shape[0], *([1] * (w.dim() - 1)))
         return rotated - w
@@ -67,5 +67,5 @@ class OFT(Rotation):
         return torch.einsum("knm,kn...->km...", r, w.reshape(n, b, *w.shape[1:])).reshape(w.shape)
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        n, b, _ = self.t["oft_blocks"].shape
+        n, b, _ = self.factors["oft_blocks"].shape
         return None if n * b == shape[0] else f"{n} OFT blocks of {b} do not cover the {shape[0]} rows of {shape}"
