@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, as one script for the device machine (one H100, no internet), about 6 minutes:
+# The GPU checks, as one script for the device machine (one GPU, no internet), about 6 minutes:
 #   1. the `cuda` tests (kernel bit-exactness incl. bf16 factors, full-size shapes, every golden
 #      case through `merge --device cuda`, the patch API on CUDA tensors);
 #   2. benchmarks/patch_gpu.py (whole-model patch vs copy roofline and peer-style paths; hot swap);
@@ -16,13 +16,11 @@ WORK=benchmarks/_work
 [ -d ../shared/zoo ] || export LORAKIT_ZOO=$PWD/$WORK/zoo
 [ -d ../shared/manifests ] || export LORAKIT_MANIFESTS=$PWD/$WORK/manifests
 if [ -d "$WORK/wheels" ]; then
-  python -m pip install -q --no-index --find-links "$WORK/wheels" safetensors click pytest 2>&1 | tail -2
+  python -m pip install -q --no-index --find-links "$WORK/wheels" safetensors click pytest "setuptools>=64" 2>&1 | tail -2
 fi
-if ! python -c "import lorakit.kernels" 2>/dev/null; then
-  # no editable install offline: lay the package out as pyproject's package-dir does
-  rm -rf "$WORK/site" && mkdir -p "$WORK/site" && cp -r lorakit "$WORK/site/" && cp -r kernels "$WORK/site/lorakit/kernels"
-  export PYTHONPATH=$PWD/$WORK/site:$PWD
-fi
+# the same package layout as everywhere else (lorakit.kernels = kernels/, pyproject's package-dir)
+python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
+python -c "import lorakit.kernels" || { echo "lorakit did not install"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RESULTS/device.txt"
 

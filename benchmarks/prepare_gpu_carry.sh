@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=benchmarks/_work
 mkdir -p "$WORK/wheels"
-python3 -m pip download -q -d "$WORK/wheels" --only-binary=:all: safetensors click pytest pluggy iniconfig packaging
+python3 -m pip download -q -d "$WORK/wheels" --only-binary=:all: safetensors click pytest pluggy iniconfig packaging \
+  "setuptools>=64"
 rm -rf "$WORK/zoo" "$WORK/manifests"
 mkdir -p "$WORK/zoo"
 (cd ../shared/zoo && find . -type f ! -path './fingerprints/*' ! -path './broken/*' ! -name 'sdxl*' -print0 \

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .codecs import Codec, default_rounding
 from .checkmodel import model_level
 from .engine import own_merge, reference
-from .io.container import Container, open_container
+from .io import Container, open_container
 from .merge import plan
 from .planner import LoraSpec, Op
 

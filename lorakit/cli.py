@@ -272,10 +272,9 @@ def sample(ckpt, unet, clip_l, t5, vae, loras, prompt, negative, steps, cfg, see
     from .sampler import Options
     from .sampler import sample as run_sample
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        _fail("--device cuda: no CUDA device is available to torch here", 2)
+    from .devices import resolve_device
+
+    device = _run(resolve_device, device).type
     dt = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     opt = Options(prompt, negative, steps, cfg, seed, sampler, scheduler, width, height, guidance, device, dt,
                   tokenizers, progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ from . import formats
 from .adapters import select
 from .arch import claim, detect, family_name
 from .errors import ArchitectureMismatch
-from .io.safetensors import SafetensorsFile
+from .io import open_container
 from .lora import load_lora
 
 # a file is a LoRA when most keys carry an adapter suffix
@@ -54,11 +55,12 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> dict:
 
 
 def describe(path: str) -> dict:
-    with SafetensorsFile(path) as f:
-        keys, size = f.keys(), f.file_size
-        dtypes = Counter(f.infos[k].dtype for k in keys)
+    with open_container(path) as f:
+        keys, size = f.keys(), os.path.getsize(path)
+        dtypes = Counter(str(f.dtype(k)).replace("torch.", "") for k in keys)
         shapes = f.shapes()
         metadata = dict(f.metadata)
+        scaled = bool(f.layouts)
     if _is_lora(keys):
         return _describe_lora(path, size)
     try:
@@ -70,7 +72,7 @@ def describe(path: str) -> dict:
         "arch": spec.arch if spec else None, "arch_name": spec.name if spec else "unknown",
         "details": spec.details if spec else {},
         "components": {c.label: sum(1 for k in keys if k.startswith(c.prefix)) for c in spec.components} if spec else {},
-        "scaled_fp8": "scaled_fp8" in keys, "metadata_keys": sorted(metadata),
+        "scaled_fp8": scaled, "metadata_keys": sorted(metadata),
     }
 
 

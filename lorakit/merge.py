@@ -27,7 +27,7 @@ from .codecs import Codec, default_rounding
 from .devices import resolve_device
 from .engine import patch_generic_, updates, whole
 from .errors import OutputError
-from .io.container import open_container
+from .io import open_container
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
 from .io.stream import PAGE, Reader, Writer, aligned_empty
 from .ops import BACKENDS, update_many_
@@ -186,7 +186,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
     _check_output(base_p, out_p, force=force, in_place=in_place)
     dev = resolve_device(device)
     t0 = time.monotonic()
-    with SafetensorsFile(base_p) as src:
+    with SafetensorsFile(base_p) as src:  # the stream copies safetensors byte ranges
         codecs = {k: src.codec(k) for k in the_plan.ops}
         if dev.type == "cuda":  # say once why the kernel is not used, if it is not
             kernel = next(b for b in BACKENDS if b.name == "triton")

@@ -62,7 +62,7 @@ class Op:
     @property
     def scale(self) -> float:
         """The factor on the adapter's change: strength x the adapter's own scale (alpha / rank)."""
-        return self.strength * self.adapter.scale
+        return self.adapter.scale_at(self.strength)
 
 
 @dataclass

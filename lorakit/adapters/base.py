@@ -77,6 +77,10 @@ class Adapter:
             return 1.0
         return a / r
 
+    def scale_at(self, strength: float) -> float:
+        """The factor on this adapter's change at ``strength``: strength x alpha/rank."""
+        return strength * self.scale
+
     @property
     def algo_name(self) -> str:
         return f"{self.algo}+dora" if self.dora_scale is not None else self.algo
@@ -88,9 +92,9 @@ class Adapter:
             return
         lr = self.lowrank()
         if lr is not None:
-            lowrank_update_(w, lr[0].to(w.device), lr[1].to(w.device), strength * self.scale)
+            lowrank_update_(w, lr[0].to(w.device), lr[1].to(w.device), self.scale_at(strength))
         else:
-            w.add_(self.full_delta(w), alpha=strength * self.scale)
+            w.add_(self.full_delta(w), alpha=self.scale_at(strength))
 
     def _apply_dora_(self, w: torch.Tensor, strength: float) -> None:
         # DoRA as trained (LyCORIS, PEFT, the paper): W' = m * (W + dW) / ||W + dW||, the norm

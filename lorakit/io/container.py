@@ -1,5 +1,5 @@
 """The container seam: what merge / check / inspect / patch need from a file of tensors (or a state
-dict), whatever the file format. Safetensors is the one file format today (``open_container``);
+dict), whatever the file format. Safetensors is the one file format today (``lorakit.io.open_container``);
 a GGUF reader would be another ``Container``.
 
 A container names its tensors in data order, gives shapes and stored dtypes without reading data,
@@ -8,7 +8,6 @@ auxiliary tensors of the file's storage layout)."""
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
 
 import torch
@@ -88,9 +87,3 @@ class TensorDict(Container):
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
-
-def open_container(path: str | os.PathLike) -> Container:
-    """The container for a model file (safetensors; the file is validated on opening)."""
-    from .safetensors import SafetensorsFile
-
-    return SafetensorsFile(path)
