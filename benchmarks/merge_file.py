@@ -126,10 +126,10 @@ def drop_caches() -> bool:
         return False
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
+def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a child process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--repeat", type=int, default=3, help="alternating cp / merge runs (medians reported)")
     ap.add_argument("--keep", action="store_true", help="keep (and reuse) the synthetic base and LoRA")
+    ap.add_argument("--baseline", type=Path, help="another lorakit source tree (e.g. a git worktree of an older "
+                    "commit): its merge is timed too, alternating with this tree's, on the same files")
     args = ap.parse_args()
     fname, dtype = SETS[args.arch]
     manifest = json.loads((args.manifests / fname).read_text())
@@ -169,7 +171,8 @@ def main() -> None:
         size = base.stat().st_size
         cmd = [sys.executable, "-m", "lorakit", "merge", str(base), f"{lora}:1.0", "-o", str(out), "--no-progress"]
         dd = ["dd", f"if={base}", f"of={copy}", "bs=64M", "iflag=direct", "oflag=direct", "conv=fsync", "status=none"]
-        firsts, cps, syncs, dds, merges, rsss = [], [], [], [], [], []
+        firsts, cps, syncs, dds, merges, rsss, olds, old_rsss = [], [], [], [], [], [], [], []
+        old_env = None if args.baseline is None else dict(os.environ, PYTHONPATH=str(args.baseline.resolve()))
         dropped = True
         for _ in range(args.repeat):  # alternate, so a drifting disk hits all sides alike
             # cp twice: on a VM with free-page reporting (this dev VM) the first cp's page cache
@@ -189,10 +192,16 @@ def main() -> None:
             dds.append(timed(dd)[0])
             copy.unlink()
             dropped &= drop_caches()
-            merge_wall, rss = timed(cmd)
+            merge_wall, rss = timed(cmd, cwd=ROOT)
             merges.append(merge_wall)
             rsss.append(rss)
             out.unlink()
+            if old_env is not None:
+                dropped &= drop_caches()
+                old_wall, old_rss = timed(cmd, env=old_env, cwd=args.baseline)
+                olds.append(old_wall)
+                old_rsss.append(old_rss)
+                out.unlink()
         med = statistics.median
         res = {
             "arch": args.arch, "dtype": dtype, "file_bytes": size, "algo": args.algo, "lora_modules": len(mods),
@@ -208,6 +217,11 @@ def main() -> None:
             "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM",
             "torch": torch.__version__,
         }
+        if olds:
+            res.update({"baseline": str(args.baseline), "baseline_merge_s": round(med(olds), 2),
+                        "all_baseline_merge_s": [round(x, 2) for x in olds],
+                        "baseline_peak_rss_gb": round(max(old_rsss) / 1e9, 3),
+                        "merge_over_baseline": round(med(merges) / med(olds), 3)})
         print(json.dumps(res, indent=1))
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))

@@ -106,15 +106,15 @@ class _Group:
         # scales are rounded to fp32 here exactly as the reference rounds them
         self.seg_scales = torch.tensor(seg_scales, dtype=torch.float32, device=device)
         self.layer_scales = torch.tensor(layer_scales, dtype=torch.float32, device=device)
-        self.saturated = torch.zeros(len(jobs), dtype=torch.int32, device=device)
+        self.out_of_range = torch.zeros(len(jobs), dtype=torch.int32, device=device)
         rank = max([up.shape[1] for j in jobs for up, _, _, _ in j.segments] + [1])
         self.args = launch_args(jobs[0].kind, fdtype, scaled=jobs[0].weight_scale is not None, stochastic=stochastic,
                                 block=block, rank=rank)
 
     def launch(self) -> None:
-        self.saturated.zero_()
+        self.out_of_range.zero_()
         grouped_lowrank_kernel[(self.tiles.shape[0],)](self.tiles, self.layers, self.layer_scales, self.segs,
-                                                      self.seg_scales, self.saturated, **self.args)
+                                                      self.seg_scales, self.out_of_range, **self.args)
 
 
 def _tiles(layer: int, job: Job, bm: int, bn: int) -> torch.Tensor:
@@ -145,12 +145,13 @@ class GroupedLaunch:
                        for idx in by_group.values()]
 
     def run(self) -> list[int]:
-        """Launch; returns the fp8 saturation count per job (0 for other dtypes)."""
+        """Launch; returns per job how many elements its storage could not hold (fp8: saturated;
+        wider formats: inf / NaN)."""
         for _, g in self.groups:
             g.launch()
         out = [0] * self.n
         for idx, g in self.groups:
-            for i, c in zip(idx, g.saturated.tolist()):
+            for i, c in zip(idx, g.out_of_range.tolist()):
                 out[i] = int(c)
         return out
 
@@ -162,5 +163,5 @@ class GroupedLaunch:
 
 
 def grouped_update_(jobs: list[Job], *, stochastic: bool, block: tuple[int, int] | None = None) -> list[int]:
-    """Patch every job in place (one launch per group); returns the fp8 saturation count per job."""
+    """Patch every job in place (one launch per group); returns the out-of-range count per job."""
     return GroupedLaunch(jobs, stochastic=stochastic, block=block).run()

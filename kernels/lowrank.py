@@ -129,7 +129,7 @@ def _bf16_rtne(x):
 
 @triton.jit
 def grouped_lowrank_kernel(
-    tiles_ptr, layers_ptr, layer_scales_ptr, segs_ptr, seg_scales_ptr, saturated_ptr,
+    tiles_ptr, layers_ptr, layer_scales_ptr, segs_ptr, seg_scales_ptr, out_of_range_ptr,
     W_KIND: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MBITS: tl.constexpr, FP8_MAX: tl.constexpr,
     F_DTYPE: tl.constexpr, HAS_WSCALE: tl.constexpr, STOCHASTIC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -205,15 +205,23 @@ def grouped_lowrank_kernel(
         target = tl.math.div_rn(v, wscale)
     else:
         target = v
+    # count what the storage cannot hold: fp8 values clipped at the limit, inf / NaN elsewhere
+    # (y - y is 0 for finite y and NaN for inf or NaN)
     if W_KIND == FP32:
         out = target
+        y = out
     elif W_KIND == FP16:
         out = target.to(tl.float16)
+        y = out.to(tl.float32)
     elif W_KIND == BF16:
         out = _bf16_rtne(target)
+        y = (out.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         out = _round_fp8(target, changed, raw, salt, offs, W_KIND, FP8_BIAS, FP8_MBITS, FP8_MAX, STOCHASTIC)
         out = out.to(tl.uint8)
-        sat = tl.sum(tl.sum(((tl.abs(target) > FP8_MAX) & changed & mask).to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(saturated_ptr + layer, sat)
+    if W_KIND >= E4M3:
+        bad = (tl.abs(target) > FP8_MAX) & changed & mask
+    else:
+        bad = ((y - y) != (y - y)) & mask
+    tl.atomic_add(out_of_range_ptr + layer, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
     tl.store(w_ptr + offs, out, mask=mask)

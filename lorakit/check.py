@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .codecs import Codec, default_rounding
+from .codecs import Codec, default_rounding, saturated
 from .checkmodel import model_level
 from .engine import own_merge, reference
 from .io import Container, open_container
@@ -130,12 +130,9 @@ def _tensor_level(src: Container, out: Container | None, ops: dict[str, list[Op]
                 report.problems.append(f"{out.name}: {key} has shape {out_shapes[key]}, BASE {base_shapes[key]}")
                 continue
             stored, codec, raw = out.decode(key)
-        sat = 0
-        if codec.limit is not None:
-            top = codec.limit
-            sat = int((raw.float().abs() >= top).sum() - (base_raw.float().abs() >= top).sum())
-            if sat > 0:
-                report.saturated[key] = sat
+        sat = saturated(codec, ref, w32)
+        if sat:
+            report.saturated[key] = sat
         d_stored = stored - w32
         dn = float(d_ref.norm())
         err = float((d_stored - d_ref).norm()) / max(dn, 1e-30) if dn > 0 else float(d_stored.norm() > 0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 
 import click
 
@@ -13,19 +15,46 @@ from .planner import parse_lora_arg
 from .reports import DryRunReport, MergeReport, PlanReport
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # as timeout, systemd, a container stop or a closed terminal send
+
+
+class Stopped(BaseException):
+    """A stop signal arrived: unwinds like Ctrl-C (temporary files are removed on the way out)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"lorakit: error: {message}", err=True)
     sys.exit(code)
 
 
 def _run(fn, *args, **kwargs):
-    """Call the library; turn typed errors and Ctrl-C into one line and an exit status."""
+    """Call the library; turn typed errors, Ctrl-C and stop signals into one line and an exit status
+    (128 + the signal's number for signals)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if main_thread else {}
     try:
         return fn(*args, **kwargs)
     except LorakitError as e:
         _fail(" ".join(str(e).split()), e.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was written", 130)
+        _fail("interrupted; nothing was written", 128 + signal.SIGINT)
+    except Stopped as e:
+        _fail(f"stopped by {signal.Signals(e.signum).name}; nothing was written", 128 + e.signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _lora_args(args: tuple[str, ...]) -> list:
+    return [parse_lora_arg(a) for a in args]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,7 +101,7 @@ def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding,
         return
     if not base or not loras:
         _fail("missing BASE and at least one LORA (or --workflow)", 2)
-    specs = [parse_lora_arg(a) for a in loras]
+    specs = _run(_lora_args, loras)
     if dry_run:
         p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite)
         _print_report(DryRunReport(**p.report_fields(), would_fail=bool(
@@ -197,7 +226,7 @@ def check(base, loras, merged, model_only, rounding, seed, no_model, device, as_
     Exit status 0 on PASS, 1 on FAIL."""
     from .check import check as run_check
 
-    specs = [parse_lora_arg(a) for a in loras]
+    specs = _run(_lora_args, loras)
     report = _run(run_check, base, specs, merged=merged, model_only=model_only, rounding=rounding, seed=seed,
                   model_check=not no_model, device=device)
     data = report.to_json()
@@ -279,7 +308,7 @@ def sample(ckpt, unet, clip_l, t5, vae, loras, prompt, negative, steps, cfg, see
     opt = Options(prompt, negative, steps, cfg, seed, sampler, scheduler, width, height, guidance, device, dt,
                   tokenizers, progress)
     report = _run(run_sample, out, opt, ckpt=ckpt, unet=unet, clip_l=clip_l, t5=t5, vae=vae,
-                  loras=[parse_lora_arg(x) for x in loras], force=force)
+                  loras=_run(_lora_args, loras), force=force)
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:

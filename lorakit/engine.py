@@ -113,7 +113,7 @@ def reference(w32: torch.Tensor, ops: list[Op]) -> torch.Tensor:
 def patch_generic_(parts: list[Part], ops: list[Op], *, rounding: str, seed: int, device: torch.device) -> int:
     """fp32 copy of the logical tensor on ``device``, every op, one encoding back into each part.
 
-    Returns the number of elements that saturated."""
+    Returns the number of elements the storage could not hold (``Update.out_of_range``)."""
     first = parts[0].tensor
     n = max(p.block.rows[1] for p in parts)
     w32 = torch.empty((n,) + tuple(first.shape[1:]), dtype=torch.float32, device=device)
@@ -122,7 +122,7 @@ def patch_generic_(parts: list[Part], ops: list[Op], *, rounding: str, seed: int
         w32[r0:r1] = p.codec.decode(p.tensor[p.block.offset:p.block.offset + r1 - r0].to(device))
     orig = w32.clone() if any(p.codec.coarse for p in parts) else w32  # only coarse formats look at it again
     apply_ops(w32, ops)
-    saturated = 0
+    out_of_range = 0
     for p in parts:
         cols = as_matrix(p.tensor).shape[1] if p.tensor.dim() else 1
         step = max(1, ROUND_CHUNK_ELEMENTS // max(cols, 1))  # bounds the encoding temporaries
@@ -131,9 +131,9 @@ def patch_generic_(parts: list[Part], ops: list[Op], *, rounding: str, seed: int
             r1 = min(hi, r0 + step)
             real = p.block.offset + r0 - lo
             dst = p.tensor[real:real + r1 - r0]
-            saturated += p.codec.encode_(dst, w32[r0:r1].to(dst.device), orig[r0:r1].to(dst.device),
+            out_of_range += p.codec.encode_(dst, w32[r0:r1].to(dst.device), orig[r0:r1].to(dst.device),
                                          rounding=rounding, seed=seed, key=p.key, index_offset=real * cols)
-    return saturated
+    return out_of_range
 
 
 def own_merge(key: str, stored: torch.Tensor, codec: Codec, ops: list[Op], rounding: str, seed: int) -> torch.Tensor:

@@ -43,5 +43,5 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
         family=formats.family(keys),
         arch=arch,
         arch_source=source,
-        peft=formats.peft_config(metadata),
+        peft=formats.peft_config(metadata, str(path)),
     )

@@ -18,19 +18,22 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ._version import __version__
 from .arch import detect
 from .codecs import Codec, default_rounding
+from .codecs.rounding import count_nonfinite
 from .devices import resolve_device
 from .engine import patch_generic_, updates, whole
-from .errors import OutputError
+from .errors import NonFiniteError, OutputError
 from .io import open_container
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
 from .io.stream import PAGE, Reader, Writer, aligned_empty
 from .ops import BACKENDS, update_many_
+from .outputs import TEMP_SUFFIX, check_output, new_file_mode
 from .planner import LoraSpec, Op, Plan, plan_loras
 from .progress import Progress
 from .reports import MergeReport
@@ -43,6 +46,7 @@ PREFETCH = 3
 READERS = 2
 WRITE_BEHIND = 2
 RING_BUDGET = 768 << 20  # bytes of read/write buffers; depth shrinks for very large tensors
+OUT_SUFFIXES = (".safetensors", ".sft")
 
 
 def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = False,
@@ -52,21 +56,6 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
         shapes = f.shapes()
     return plan_loras(str(base), detect(shapes, str(base)), shapes, loras, model_only=model_only,
                       allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite)
-
-
-def _check_output(base: Path, out: Path, *, force: bool, in_place: bool) -> None:
-    same = out.exists() and base.exists() and os.path.samefile(base, out)
-    if same and not in_place:
-        raise OutputError(f"{out}: OUT is BASE; pass --in-place to overwrite BASE (written to a temporary file first)")
-    if out.exists() and not same and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a folder; give a file name for OUT")
-    folder = out.parent
-    if not folder.is_dir():
-        raise OutputError(f"{out}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: folder {folder} is not writable")
 
 
 def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[tuple[int, int, list[str]]]:
@@ -99,7 +88,7 @@ def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[
 
 
 def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Progress, ops: dict[str, list[Op]],
-            codecs: dict[str, Codec], saturated: dict[str, int], *, device: torch.device, rounding: str,
+            codecs: dict[str, Codec], out_of_range: OutOfRange, *, device: torch.device, rounding: str,
             seed: int) -> None:
     """One sequential read stream (two reads in flight) and one sequential write stream on their
     own threads; patching in between.
@@ -134,10 +123,10 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
                 reads.append(pool_r.submit(read, i + depth))
             for key in keys:
                 info = src.infos[key]
-                sat = _patch_raw(raw[info.begin - begin: info.end - begin], info, ops[key], codecs[key],
-                                 device=device, rounding=rounding, seed=seed)
-                if sat:
-                    saturated[key] = sat
+                n = _patch_raw(raw[info.begin - begin: info.end - begin], info, ops[key], codecs[key],
+                               device=device, rounding=rounding, seed=seed)
+                if n:
+                    out_of_range.add(key, n, codecs[key], lambda k=key: src.get(k))
             writes.append(pool_w.submit(write, raw))
             while len(writes) > behind:
                 writes.popleft().result()
@@ -148,10 +137,34 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
         pool_w.shutdown(wait=True, cancel_futures=True)
 
 
+class OutOfRange:
+    """What the stored formats could not hold: fp8 values clipped at the limit (reported), and inf /
+    NaN a merge would write into a wider format where BASE had none (refused unless
+    ``allow_nonfinite``: the LoRA's change at these strengths overflows the format)."""
+
+    def __init__(self, name: str, allow_nonfinite: bool) -> None:
+        self.name, self.allow_nonfinite = name, allow_nonfinite
+        self.saturated: dict[str, int] = {}
+        self.nonfinite: dict[str, int] = {}
+
+    def add(self, key: str, n: int, codec: Codec, original: Callable[[], torch.Tensor]) -> None:
+        if codec.coarse:
+            self.saturated[key] = n
+            return
+        new = n - count_nonfinite(original())  # the base's own inf / NaN are not the merge's doing
+        if new <= 0:
+            return
+        if not self.allow_nonfinite:
+            raise NonFiniteError(f"{self.name}: the merge would write {new} inf / NaN values into {key} "
+                                 f"({codec.name}): the LoRA's change at these strengths overflows the format; "
+                                 "nothing was written (lower the strength, or --allow-nonfinite to write them)")
+        self.nonfinite[key] = new
+
+
 def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], codec: Codec, *, device: torch.device,
                rounding: str, seed: int) -> int:
     """Patch one tensor in place, given as its raw bytes (every op in order, one rounding);
-    returns the number of elements that saturated."""
+    returns the number of elements its storage could not hold."""
     if raw.storage_offset() % DTYPES[info.dtype][1]:
         # stored at an offset its dtype cannot be viewed at: patch an aligned copy
         aligned = raw.clone()
@@ -164,12 +177,12 @@ def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], codec: Codec,
     ups = updates(parts, ops)
     if ups is not None:  # plain low-rank: the primitive (the Triton kernel on CUDA)
         update_many_([u for u, _ in ups], rounding=rounding, seed=seed)
-        saturated = sum(u.saturated for u, _ in ups)
+        out_of_range = sum(u.out_of_range for u, _ in ups)
     else:
-        saturated = patch_generic_(parts, ops, rounding=rounding, seed=seed, device=device)
+        out_of_range = patch_generic_(parts, ops, rounding=rounding, seed=seed, device=device)
     if target is not stored:
         stored.copy_(target)
-    return saturated
+    return out_of_range
 
 
 def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.PathLike, *, model_only: bool = False,
@@ -181,9 +194,10 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
     ``direct_io``: stream past the page cache where the filesystem allows it (``io.stream``);
     the output bytes are the same either way."""
     base_p, out_p = Path(base), Path(out)
+    check_output(out_p, base=base_p, others=[Path(ls.path) for ls in loras], force=force, in_place=in_place,
+                 suffixes=OUT_SUFFIXES)
     the_plan = plan(base_p, loras, model_only=model_only, allow_unmatched=allow_unmatched,
                     allow_nonfinite=allow_nonfinite)
-    _check_output(base_p, out_p, force=force, in_place=in_place)
     dev = resolve_device(device)
     t0 = time.monotonic()
     with SafetensorsFile(base_p) as src:  # the stream copies safetensors byte ranges
@@ -204,14 +218,15 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
         header = build_header([src.infos[k] for k in src.order], metadata, data_start_like=src.data_start,
                               page=PAGE)
         with Reader(src, direct=direct_io) as reader:
-            fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=".lorakit-tmp", dir=out_p.parent)
-            os.fchmod(fd, _new_file_mode(base_p if in_place else None))
+            fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=TEMP_SUFFIX, dir=out_p.parent)
+            os.fchmod(fd, new_file_mode(base_p if in_place else None))
             bar = Progress(src.file_size - src.data_start, "merging", enabled=progress)
-            saturated: dict[str, int] = {}
+            out_of_range = OutOfRange(str(base_p), allow_nonfinite)
             try:
                 writer = Writer(fd, direct=direct_io)
                 writer.write(header)
-                _stream(src, reader, writer, bar, the_plan.ops, codecs, saturated, device=dev, rounding=mode, seed=seed)
+                _stream(src, reader, writer, bar, the_plan.ops, codecs, out_of_range, device=dev, rounding=mode,
+                        seed=seed)
                 writer.finish()
                 os.fsync(fd)
                 os.close(fd)
@@ -232,17 +247,9 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
             finally:
                 bar.close()
     return MergeReport(**the_plan.report_fields(), out=str(out_p), tensors_changed=len(the_plan.ops), rounding=mode,
-                       seed=seed, device=str(dev), fp8_tensors_changed=len(coarse), fp8_saturated=saturated,
+                       seed=seed, device=str(dev), fp8_tensors_changed=len(coarse), fp8_saturated=out_of_range.saturated,
+                       nonfinite_written=out_of_range.nonfinite,
                        seconds=round(time.monotonic() - t0, 3))
-
-
-def _new_file_mode(keep_from: Path | None) -> int:
-    """mkstemp makes 0600 files; OUT gets BASE's mode when replacing it, else 0666 minus umask."""
-    if keep_from is not None:
-        return os.stat(keep_from).st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _provenance(src: SafetensorsFile, loras: list[LoraSpec], the_plan: Plan, **options: object) -> dict:

@@ -22,7 +22,8 @@ from .arch.diffusers import layout
 from .arch.modules import Layout
 from .codecs import default_rounding, plain
 from .engine import Part, patch_generic_, updates, whole
-from .errors import ArchitectureMismatch, PatchStateError, UsageError
+from .codecs.rounding import count_nonfinite
+from .errors import ArchitectureMismatch, NonFiniteError, PatchStateError, UsageError
 from .io.container import TensorDict
 from .ops import Prepared, Update
 from .planner import LoraSpec, Op, Plan, parse_lora_arg, plan_loras
@@ -76,8 +77,9 @@ class PatchHandle:
     """The patched state of one model; see the module docstring."""
 
     def __init__(self, the_plan: Plan, targets: list[_Target], specs: list[LoraSpec],
-                 *, backup: str, rounding: str, seed: int, backend: str) -> None:
+                 *, backup: str, rounding: str, seed: int, backend: str, allow_nonfinite: bool = False) -> None:
         self.plan, self.specs = the_plan, list(specs)
+        self.allow_nonfinite = allow_nonfinite
         self.rounding, self.seed, self.backend = rounding, seed, backend
         self._touched = {p.key: p.tensor for t in targets for p in t.parts}
         self.backup_policy = _resolve_backup(backup, self._touched)
@@ -157,14 +159,15 @@ class PatchHandle:
         if self.patched:
             return
         self.saturated.clear()
+        counts: dict[str, int] = {}
         with torch.no_grad():
             for t in self._generic:
                 n = patch_generic_(t.parts, t.ops, rounding=self.rounding, seed=self.seed,
                                    device=t.parts[0].tensor.device)
                 if n:
-                    self.saturated[t.key] = n
+                    counts[t.parts[0].key] = n
             self._prepared.run()
-        self._collect(self._prepared)
+        self._collect(self._prepared, counts)
 
     def close(self) -> None:
         """Restore (when a backup exists) and free the backup."""
@@ -178,11 +181,33 @@ class PatchHandle:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _collect(self, prepared: Prepared) -> None:
+    def _collect(self, prepared: Prepared, counts: dict[str, int] | None = None) -> None:
+        """Sort what the storage could not hold: fp8 saturation is reported; new inf / NaN in a wider
+        format undo the patch (when a backup allows) and raise, unless ``allow_nonfinite``."""
+        counts = dict(counts or {})
         for u in prepared.updates:
-            if u.saturated:
-                self.saturated[u.key] = u.saturated
+            if u.out_of_range:
+                counts[u.key] = counts.get(u.key, 0) + u.out_of_range
         self.patched = True
+        overflow = {}
+        for key, n in counts.items():
+            t = self._touched[key]
+            if plain(t.dtype).coarse:
+                self.saturated[key] = n
+            else:
+                new = n - (count_nonfinite(self._backup[key]) if self._backup is not None else 0)
+                if new > 0:
+                    overflow[key] = new
+        if overflow and not self.allow_nonfinite:
+            key = next(iter(overflow))
+            undone = self._backup is not None
+            if undone:
+                self.restore()
+            raise NonFiniteError(f"{self.plan.base_path}: patching writes {sum(overflow.values())} inf / NaN values "
+                                 f"({overflow[key]} in {key}): the LoRA's change at these strengths overflows "
+                                 f"{self._touched[key].dtype}; " + ("the weights were restored" if undone else
+                                                   "the weights hold them (no backup to restore from)")
+                                 + " (lower the strength, or allow_nonfinite=True)")
 
     def _need_backup(self, what: str) -> None:
         if self._backup is None:
@@ -237,6 +262,7 @@ def patch(target: object, loras: list[object], *, model_only: bool = False, back
             parts = [Part(b, tensors[b.key], plain(tensors[b.key].dtype)) for b in lay.blocks[key]]
         targets.append(_Target(key, parts, ops))
     mode = default_rounding([p.codec for t in targets for p in t.parts], rounding)
-    handle = PatchHandle(the_plan, targets, specs, backup=backup, rounding=mode, seed=seed, backend=backend)
+    handle = PatchHandle(the_plan, targets, specs, backup=backup, rounding=mode, seed=seed, backend=backend,
+                         allow_nonfinite=allow_nonfinite)
     handle.apply()
     return handle

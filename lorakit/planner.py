@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
 from .arch import KINDS, BaseSpec, Component, Target, claim, family_name
-from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError
+from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UsageError
 from .lora import LoraFile, load_lora
 from .reports import LoraReport, Matched, PlanReport, Skipped, Unmatched
 
@@ -30,13 +31,38 @@ Shapes = dict[str, tuple[int, ...]]
 NEAREST_FOR = 5  # unmatched modules that get "nearest base names" hints
 
 
+MAX_STRENGTH = 1e12  # far past any useful strength; keeps strength x alpha/rank finite in fp32
+
+
+def strength_value(value: object, what: str) -> float:
+    """A strength as a float: a finite number (or numeric string) within +-MAX_STRENGTH; anything
+    else is one ``UsageError`` line naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UsageError(f"{what}: strength {str(value)[:40]!r} is not a number")
+    try:
+        v = float(value)
+    except (ValueError, OverflowError):
+        raise UsageError(f"{what}: invalid strength {str(value)[:40]!r} (use a number such as 1.0)") from None
+    if not math.isfinite(v) or abs(v) > MAX_STRENGTH:
+        raise UsageError(f"{what}: strength {str(value)[:40]!r} is not a finite number within +-{MAX_STRENGTH:g}")
+    return v
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA on the command line: ``PATH[:MODEL_STRENGTH[:CLIP_STRENGTH]]``."""
+    """A LoRA on the command line: ``PATH[:MODEL_STRENGTH[:CLIP_STRENGTH]]``. Strengths are finite
+    numbers within +-MAX_STRENGTH (checked here, for the CLI, workflows and the library alike)."""
 
     path: str
     model_strength: float = 1.0
     clip_strength: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path or "\0" in self.path:
+            raise UsageError(f"a LoRA path must be a non-empty string, not {str(self.path)[:60]!r}")
+        object.__setattr__(self, "model_strength", strength_value(self.model_strength, self.path))
+        if self.clip_strength is not None:
+            object.__setattr__(self, "clip_strength", strength_value(self.clip_strength, self.path))
 
     @property
     def clip(self) -> float:
@@ -81,23 +107,37 @@ class Plan:
                     components=[c.label for c in self.spec.components], loras=self.loras, notes=self.notes)
 
 
+# a ':'-field that ends a path, not a strength: it holds a folder separator or a model-file suffix
+PATH_ENDINGS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def _path_like(field: str) -> bool:
+    return "/" in field or "\\" in field or field.lower().endswith(PATH_ENDINGS)
+
+
 def parse_lora_arg(arg: str) -> LoraSpec:
-    """``PATH[:M[:C]]`` parsed from the right, so paths with ':' (C:\\...) still work."""
+    """``PATH[:M[:C]]``. A path that exists wins (names with ':' work); else the last one or two
+    ':'-fields are strengths and must be numbers (``C:\\loras\\x.safetensors:0.5`` is a path and a
+    strength); a field that ends a path (a folder separator or a model-file suffix) is part of
+    the path."""
+    if os.path.exists(arg) or ":" not in arg:
+        return LoraSpec(arg)
     parts = arg.split(":")
-    nums: list[float] = []
-    while len(parts) > 1 and len(nums) < 2:
-        try:
-            value = float(parts[-1])
-        except ValueError:
-            break
-        if not math.isfinite(value):
-            break
-        nums.insert(0, value)
-        parts.pop()
+    nums: list[str] = []
+    while len(parts) > 1 and len(nums) < 2 and not _path_like(parts[-1]):
+        nums.insert(0, parts.pop())
     path = ":".join(parts)
     if not nums:
         return LoraSpec(path)
-    return LoraSpec(path, nums[0], nums[1] if len(nums) > 1 else None)
+    if len(parts) > 1 and not _path_like(parts[-1]) and not os.path.exists(path):
+        raise UsageError(f"too many strengths in {arg!r} (give PATH, PATH:MODEL or PATH:MODEL:CLIP)")
+    values = []
+    for field in nums:
+        try:
+            values.append(strength_value(field, arg))
+        except UsageError:
+            raise UsageError(f"invalid strength {field!r} in {arg!r} (use 1.0, or MODEL:CLIP)") from None
+    return LoraSpec(path, values[0], values[1] if len(values) > 1 else None)
 
 
 def _peft_alpha(lora: LoraFile, module: str, rank: int) -> float | None:
@@ -131,6 +171,15 @@ def _nearest(spec: BaseSpec, module: str) -> list[str]:
     pool = {a: alias.target for c in spec.components for a, alias in c.aliases.items() if a.startswith(prefix)}
     names = difflib.get_close_matches(module, list(pool), n=2, cutoff=0.6)
     return [f"{n} -> {pool[n].describe()}" for n in names]
+
+
+def _fits(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
+    """Why the adapter's change cannot land on a target of ``shape`` (None: it can). Factors that
+    do not even combine with each other say so instead of raising."""
+    try:
+        return adapter.check(shape)
+    except (RuntimeError, ValueError, IndexError) as e:
+        return f"the factors do not combine ({str(e).splitlines()[0][:120]})"
 
 
 def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> None:
@@ -190,6 +239,10 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
     if model_only and comp.strength_kind == "clip":
         skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
         return None
+    problems = formats.factor_problems(roles, {k: tuple(lora.tensors[k].shape) for k in roles.values()})
+    if problems:
+        report.unmatched.append(Unmatched(module, keys, "invalid factor " + "; ".join(problems)))
+        return None
     tensors = {r: lora.tensors[k] for r, k in roles.items()}
     rank = int(tensors["down"].shape[0]) if "down" in tensors else 1
     adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
@@ -201,7 +254,7 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
         report.notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
                             "scale alpha/rank per part")
     view = _view_shape(shapes[target.key], target)
-    reason = adapter.check(view) if adapter.changes_weight else None
+    reason = _fits(adapter, view) if adapter.changes_weight else None
     bias_target, bias = None, adapter.bias_delta()
     if reason is None and bias is not None:
         bkey = target.bias_key()

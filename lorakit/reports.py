@@ -116,13 +116,14 @@ class MergeReport(PlanReport):
     device: str = "cpu"
     fp8_tensors_changed: int = 0
     fp8_saturated: dict[str, int] = field(default_factory=dict)
+    nonfinite_written: dict[str, int] = field(default_factory=dict)  # only with --allow-nonfinite
     seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {**super().to_json(), "out": self.out, "tensors_changed": self.tensors_changed,
                 "rounding": self.rounding, "seed": self.seed, "device": self.device,
                 "fp8_tensors_changed": self.fp8_tensors_changed, "fp8_saturated": self.fp8_saturated,
-                "seconds": self.seconds}
+                "nonfinite_written": self.nonfinite_written, "seconds": self.seconds}
 
 
 @dataclass

@@ -10,11 +10,13 @@ nodes pass their input through.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkflowError
+from .planner import strength_value
 
 
 # node type -> (widget names in UI order, {output slot: type})
@@ -71,47 +73,84 @@ class Job:
 
 def load(path: str | Path) -> dict[str, Node]:
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WorkflowError(f"{path}: workflow file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WorkflowError(f"{path}: not a JSON workflow ({e})") from None
+    except IsADirectoryError:
+        raise WorkflowError(f"{path}: is a folder, expected a workflow .json file") from None
+    except RecursionError:
+        raise WorkflowError(f"{path}: not a JSON workflow (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"{path}: not a JSON workflow ({str(e).splitlines()[0][:100]})") from None
+    except OSError as e:
+        raise WorkflowError(f"{path}: cannot read ({e.strerror})") from None
     if isinstance(doc, dict) and isinstance(doc.get("nodes"), list):
         return _from_ui(doc, str(path))
     if isinstance(doc, dict) and doc and all(isinstance(v, dict) and "class_type" in v for v in doc.values()):
-        return _from_api(doc)
+        return _from_api(doc, str(path))
     raise WorkflowError(f"{path}: neither a ComfyUI UI workflow (nodes + links) nor an API prompt (class_type)")
+
+
+def _id(value: object, name: str, what: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise WorkflowError(f"{name}: {what} {str(value)[:40]!r} is not a node id")
+    return str(value)
+
+
+def _slot(value: object, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkflowError(f"{name}: {what} {str(value)[:40]!r} is not an output slot number")
+    return value
+
+
+def _mode(value: object, name: str, nid: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WorkflowError(f"{name}: node {nid} has mode {str(value)[:40]!r}, not a number")
+    return value
 
 
 def _from_ui(doc: dict, name: str) -> dict[str, Node]:
     links = {}
     for link in doc.get("links") or []:
         if isinstance(link, list) and len(link) >= 5:
-            links[link[0]] = (str(link[1]), int(link[2]))
-        elif isinstance(link, dict):
-            links[link["id"]] = (str(link["origin_id"]), int(link["origin_slot"]))
+            links[_id(link[0], name, "link")] = (_id(link[1], name, "link origin"), _slot(link[2], name, "link slot"))
+        elif isinstance(link, dict) and {"id", "origin_id", "origin_slot"} <= link.keys():
+            links[_id(link["id"], name, "link")] = (_id(link["origin_id"], name, "link origin"),
+                                                    _slot(link["origin_slot"], name, "link slot"))
     nodes = {}
     for raw in doc["nodes"]:
-        node = Node(str(raw["id"]), raw.get("type", "?"), int(raw.get("mode", 0) or 0))
+        if not isinstance(raw, dict) or "id" not in raw:
+            raise WorkflowError(f"{name}: a node without an id")
+        nid = _id(raw["id"], name, "node id")
+        node = Node(nid, str(raw.get("type", "?")), _mode(raw.get("mode"), name, nid))
         widgets = raw.get("widgets_values") or []
         if node.type in NODES and isinstance(widgets, list):
             node.values = dict(zip(NODES[node.type][0], widgets))
         for inp in raw.get("inputs") or []:
+            if not isinstance(inp, dict):
+                continue
             if inp.get("link") is not None:
-                if inp["link"] not in links:
-                    raise WorkflowError(f"{name}: node {node.id} ({node.type}) input {inp.get('name')} uses link "
-                                        f"{inp['link']}, which the links table lacks")
-                node.links[inp["name"]] = links[inp["link"]]
+                link = _id(inp["link"], name, f"node {nid} input link")
+                if link not in links:
+                    raise WorkflowError(f"{name}: node {nid} ({node.type}) input {inp.get('name')} uses link "
+                                        f"{link}, which the links table lacks")
+                node.links[str(inp.get("name"))] = links[link]
         nodes[node.id] = node
     return nodes
 
 
-def _from_api(doc: dict) -> dict[str, Node]:
+def _from_api(doc: dict, name: str) -> dict[str, Node]:
     nodes = {}
     for nid, raw in doc.items():
-        node = Node(str(nid), raw["class_type"], int(raw.get("mode", 0) or 0))
-        for k, v in (raw.get("inputs") or {}).items():
-            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int):
+        node = Node(str(nid), str(raw["class_type"]), _mode(raw.get("mode"), name, str(nid)))
+        inputs = raw.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise WorkflowError(f"{name}: node {nid} has inputs that are not an object")
+        for k, v in inputs.items():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int) and not isinstance(v[1], bool) \
+                    and isinstance(v[0], (str, int)) and not isinstance(v[0], bool):
                 node.links[k] = (str(v[0]), v[1])
             else:
                 node.values[k] = v
@@ -150,25 +189,37 @@ def _source(nodes: dict[str, Node], start: tuple[str, int], kind: str, path: lis
                             f"the LoRA loaders; lorakit knows {', '.join(sorted(NODES))}")
 
 
-def _resolve(node: Node, field_name: str, models_dir: Path) -> Path:
-    name = node.values.get(field_name)
+def _relative(node: Node, field_name: str, name: object) -> Path:
+    """A model name from the workflow as a path that cannot leave the folder it is looked up in:
+    no absolute paths or drive letters, no '..', no NUL (Windows '\\' read as '/')."""
     if not isinstance(name, str) or not name:
         raise WorkflowError(f"node {node.id} ({node.type}) has no {field_name}")
-    rel = Path(*name.replace("\\", "/").split("/"))
+    shown = name[:120]
+    if "\0" in name:
+        raise WorkflowError(f"node {node.id} ({node.type}): {field_name} {shown!r} contains a NUL byte")
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"[A-Za-z]:", norm):
+        raise WorkflowError(f"node {node.id} ({node.type}): {field_name} {shown!r} is an absolute path; names are "
+                            "relative to the models folder")
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts or not parts:
+        raise WorkflowError(f"node {node.id} ({node.type}): {field_name} {shown!r} leaves the models folder")
+    return Path(*parts)
+
+
+def _resolve(node: Node, field_name: str, models_dir: Path) -> Path:
+    rel = _relative(node, field_name, node.values.get(field_name))
     folders = FOLDERS[field_name]
     for sub in folders:
         candidate = models_dir / sub / rel
         if candidate.is_file():
             return candidate
     searched = ", ".join(str(models_dir / s) for s in folders)
-    raise WorkflowError(f"node {node.id} ({node.type}): {name} not found (searched {searched})")
+    raise WorkflowError(f"node {node.id} ({node.type}): {node.values[field_name]} not found (searched {searched})")
 
 
 def _strength(node: Node, key: str) -> float:
-    try:
-        return float(node.values.get(key, 1.0))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise WorkflowError(f"node {node.id} ({node.type}): {key} is not a number") from None
+    return strength_value(node.values.get(key, 1.0), f"node {node.id} ({node.type}) {key}")
 
 
 def plan_jobs(nodes: dict[str, Node], models_dir: Path, *, node_id: str | None = None) -> list[Job]:

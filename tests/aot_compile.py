@@ -19,7 +19,7 @@ VARIANTS = [("fp16", torch.float16, False, False), ("bf16", torch.bfloat16, Fals
             ("fp32", torch.float32, False, False), ("e4m3", torch.bfloat16, True, True),
             ("e5m2", torch.float16, False, False)]
 POINTERS = {"tiles_ptr": "*i32", "layers_ptr": "*i64", "layer_scales_ptr": "*fp32", "segs_ptr": "*i64",
-            "seg_scales_ptr": "*fp32", "saturated_ptr": "*i32"}
+            "seg_scales_ptr": "*fp32", "out_of_range_ptr": "*i32"}
 OPTIONS = ("num_warps", "enable_fp_fusion")
 
 

@@ -55,8 +55,11 @@ def test_lying_headers_are_refused(tmp_path: Path, header: dict, data: bytes, me
 
 def test_not_safetensors(tmp_path: Path) -> None:
     p = tmp_path / "x.safetensors"
-    p.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")
+    p.write_bytes(b"\xff\xfe\x00 garbage that is no known format at all")
     with pytest.raises(FileFormatError, match="header length"):
+        SafetensorsFile(p)
+    p.write_bytes(b"PK\x03\x04 this is a zip, not safetensors")  # a PyTorch .ckpt / .pt
+    with pytest.raises(FileFormatError, match="zip archive .*reads .safetensors only"):
         SafetensorsFile(p)
     (tmp_path / "short").write_bytes(b"abc")
     with pytest.raises(FileFormatError, match="shorter than"):

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .rounding import FP8_MAX, round_into
+from .rounding import FP8_MAX, clipped, round_into
 
 Getter = Callable[[str], "torch.Tensor | None"]
 
@@ -54,7 +54,7 @@ class Codec:
                 key: str, index_offset: int = 0) -> int:
         """Write fp32 ``value`` (effective values) into the stored ``dst``; ``original`` is the fp32
         value before patching (coarse formats keep the old bits where nothing moved). Returns how
-        many elements saturated."""
+        many elements the format could not hold: saturated fp8 values, inf / NaN elsewhere."""
         return round_into(dst, value, original, rounding=rounding, seed=seed, key=key, index_offset=index_offset,
                           scale=self.scale)
 
@@ -139,3 +139,12 @@ def default_rounding(codecs: list[Codec], requested: str | None = None) -> str:
     if requested is not None:
         return requested
     return "stochastic" if any(c.coarse for c in codecs) else "nearest"
+
+
+def saturated(codec: Codec, value: torch.Tensor, original: torch.Tensor) -> int:
+    """Changed elements whose exact value lies beyond the format's largest finite value (the one
+    definition merge, patch and check count by: see ``rounding.round_into``)."""
+    if codec.limit is None:
+        return 0
+    target = value / torch.tensor(codec.scale, dtype=torch.float32) if codec.scale is not None else value
+    return clipped(target, value != original, codec.limit)

@@ -78,6 +78,21 @@ def _stochastic_fp8(x: torch.Tensor, dtype: torch.dtype, seed: int, key: str, in
     return torch.where(x < 0, -mag, mag).to(dtype)
 
 
+def clipped(target: torch.Tensor, changed: torch.Tensor, limit: float) -> int:
+    """Changed elements whose exact (stored-space) value lies beyond the format's largest finite
+    value: the one definition of "saturated"."""
+    return int(((target.abs() > limit) & changed).sum())
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """inf / NaN elements of ``t``. A sum is finite exactly when no element is inf or NaN (or, rarely,
+    when finite values overflow the sum: then the precise count runs and finds none), and costs a
+    tenth of an element-wise test, so the common case pays only for the sum."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def round_into(
     dst: torch.Tensor,
     value: torch.Tensor,
@@ -94,17 +109,18 @@ def round_into(
     ``original`` is the fp32 value before patching; ``scale`` is the per-tensor scale of a
     scaled-fp8 weight (stored = value / scale). ``index_offset`` is the flat index of
     ``dst``'s first element inside the whole tensor (for the stochastic counter).
-    Returns how many elements saturated at the fp8 limit.
+    Returns how many elements fell outside the format: for fp8, changed elements that saturated
+    at its limit; for wider formats, elements that are inf or NaN after the write.
     """
     if dst.dtype not in FP8_MAX:  # plain RTNE of every element (scaled weights are fp8 only)
         dst.copy_(value)
-        return 0
+        return count_nonfinite(dst)
     changed = value != original
     # divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply, which
     # is not IEEE division and would make GPU results differ from the CPU's and the kernel's
     target = value / torch.tensor(scale, dtype=torch.float32, device=value.device) if scale is not None else value
     m = FP8_MAX[dst.dtype]
-    saturated = int(((target.abs() > m) & changed).sum())
+    saturated = clipped(target, changed, m)
     if rounding == "stochastic":
         index = torch.arange(index_offset, index_offset + dst.numel(), dtype=torch.int64, device=dst.device)
         index = index.reshape(dst.shape)

@@ -9,8 +9,15 @@ built from each family's conventions). The format family only matters for report
 from __future__ import annotations
 
 import json
+import math
+import re
 
-from .roles import SUFFIX_ROLES, SUFFIXES
+from ..errors import FileFormatError
+from .roles import SUFFIX_ROLES, SUFFIXES, role_problem
+
+# a file is a LoRA when at least this share of its keys carry an adapter-factor suffix
+LORA_FRACTION = 0.5
+NOT_FACTORS = ("unknown", "ia3_weight", "set")  # roles every checkpoint's keys also end in
 
 
 def split_key(key: str, known) -> tuple[str, str]:
@@ -22,6 +29,17 @@ def split_key(key: str, known) -> tuple[str, str]:
     if candidates:
         return candidates[0]
     return key, "unknown"
+
+
+def looks_like_lora(keys: list[str]) -> bool:
+    """Most keys name LoRA factors (a checkpoint's ``.weight`` / ``.scale`` keys do not count)."""
+    roles = [split_key(k, lambda m: False)[1] for k in keys]
+    return bool(keys) and sum(r not in NOT_FACTORS for r in roles) >= LORA_FRACTION * len(keys)
+
+
+def factor_problems(roles: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """``key: reason`` for every factor of a module (role -> key) whose shape cannot be its role's."""
+    return [f"{key}: {why}" for role, key in roles.items() if (why := role_problem(role, shapes[key]))]
 
 
 def family(keys: list[str]) -> str:
@@ -47,17 +65,40 @@ def family(keys: list[str]) -> str:
     return "unknown"
 
 
-def peft_config(metadata: dict[str, str]) -> dict[str, dict]:
-    """Per-component LoraConfig from diffusers' ``lora_adapter_metadata`` (may be absent)."""
+def _number(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def peft_config(metadata: dict[str, str], name: str = "LoRA") -> dict[str, dict]:
+    """Per-component LoraConfig from diffusers' ``lora_adapter_metadata`` (may be absent).
+
+    It sets alphas, so it is checked like tensor data: valid JSON, ``lora_alpha`` / ``r`` finite
+    numbers, ``alpha_pattern`` / ``rank_pattern`` maps of compilable patterns to finite numbers."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
+
+    def refuse(reason: str) -> FileFormatError:
+        return FileFormatError(f"{name}: metadata lora_adapter_metadata {reason}")
+
     try:
         flat = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+    except (ValueError, RecursionError):
+        raise refuse("is not valid JSON") from None
+    if not isinstance(flat, dict):
+        raise refuse("is not a JSON object")
     out: dict[str, dict] = {}
     for k, v in flat.items():
         comp, _, field = k.partition(".")
+        if field in ("lora_alpha", "r") and v is not None and not _number(v):
+            raise refuse(f"{k} = {str(v)[:40]!r} is not a finite number")
+        if field in ("alpha_pattern", "rank_pattern") and v is not None:
+            if not isinstance(v, dict) or not all(isinstance(p, str) and _number(x) for p, x in v.items()):
+                raise refuse(f"{k} must map patterns to finite numbers")
+            for p in v:
+                try:
+                    re.compile(p)
+                except (re.error, RecursionError, OverflowError):
+                    raise refuse(f"{k}: {p[:60]!r} is not a valid pattern") from None
         out.setdefault(comp, {})[field] = v
     return out

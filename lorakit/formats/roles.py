@@ -48,3 +48,32 @@ def _read_table() -> dict[str, str]:
 
 SUFFIX_ROLES = _read_table()  # suffix -> role, for reading any file
 SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)  # tried longest first
+
+# dimensions a factor of each role may have (min, max); roles not listed may have any. Checked before
+# any math, so a malformed file is reported naming the key, never an IndexError deep in an adapter.
+ROLE_DIMS = {
+    "down": (2, 5), "up": (2, 5), "mid": (3, 5),
+    "hada_w1_a": (2, 2), "hada_w1_b": (2, 2), "hada_w2_a": (2, 2), "hada_w2_b": (2, 2),
+    "hada_t1": (3, 5), "hada_t2": (3, 5),
+    "lokr_w1": (2, 5), "lokr_w2": (2, 5), "lokr_w1_a": (2, 2), "lokr_w1_b": (2, 2), "lokr_w2_a": (2, 2),
+    "lokr_w2_b": (2, 2), "lokr_t2": (3, 5),
+    "oft_blocks": (3, 4), "a1": (2, 5), "a2": (2, 5), "b1": (2, 5), "b2": (2, 5),
+    "up_bias": (1, 1), "diff_b": (1, 1),
+}
+SCALAR_ROLES = ("alpha", "on_input")  # one number each (shape [] or [1])
+
+
+def role_problem(role: str, shape: tuple[int, ...]) -> str | None:
+    """Why a tensor of ``shape`` cannot be a factor of ``role`` (None: it can)."""
+    if role in SCALAR_ROLES:
+        n = 1
+        for d in shape:
+            n *= d
+        return None if n == 1 else f"'{role}' must be one number, this tensor has shape {list(shape)}"
+    lo, hi = ROLE_DIMS.get(role, (0, 8))
+    if not lo <= len(shape) <= hi:
+        need = str(lo) if lo == hi else f"{lo} to {hi}"
+        return f"'{role}' factor needs {need} dimensions, this tensor has {len(shape)} ({list(shape)})"
+    if role in ROLE_DIMS and 0 in shape:
+        return f"'{role}' factor has an empty dimension ({list(shape)})"
+    return None

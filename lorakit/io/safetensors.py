@@ -20,43 +20,13 @@ import torch
 
 from ..errors import FileFormatError
 from .container import Container
+from .header import DTYPE_NAMES, MAX_HEADER, TensorInfo, bad, parse_safetensors, sniff
 
 # safetensors dtype spelling -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-}
+DTYPES: dict[str, tuple[torch.dtype, int]] = {name: (getattr(torch, t), n) for name, (t, n) in DTYPE_NAMES.items()}
 TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
 
-MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 READ_PIECE = 4 << 20
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str
-    dtype: str  # safetensors spelling
-    shape: tuple[int, ...]
-    begin: int  # offset inside the data section
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
 
 
 class SafetensorsFile(Container):
@@ -81,61 +51,29 @@ class SafetensorsFile(Container):
 
     # -- header -----------------------------------------------------------------------
     def _bad(self, reason: str) -> FileFormatError:
-        return FileFormatError(f"{self.name}: not a valid safetensors file: {reason}")
+        return bad(self.name, reason)
 
     def _parse_header(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
         self.file_size = size
         head = self._fh.read(8)
         if len(head) < 8:
-            raise self._bad(f"only {size} bytes, shorter than the 8-byte header length")
+            what = sniff(head)
+            raise FileFormatError(f"{self.name}: {what}") if what else self._bad(
+                f"only {size} bytes, shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
+            what = sniff(head)
+            if what:
+                raise FileFormatError(f"{self.name}: {what}")
             raise self._bad(f"header length {n} does not fit in the file ({size} bytes); truncated or not safetensors")
         raw = self._fh.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._bad("header is not JSON") from None
-        if not isinstance(header, dict):
-            raise self._bad("header is not a JSON object")
+        if len(raw) != n:
+            raise FileFormatError(f"{self.name}: the header could not be read (file shrank while reading?)")
         self.data_start = 8 + n
-        data_size = size - self.data_start
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise self._bad("__metadata__ must map strings to strings")
-        self.metadata: dict[str, str] = meta
-        infos: dict[str, TensorInfo] = {}
-        for key, entry in header.items():
-            infos[key] = self._check_entry(key, entry, data_size)
-        spans = sorted((i.begin, i.end, i.key) for i in infos.values() if i.nbytes)
-        for (b0, e0, k0), (b1, _e1, k1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise self._bad(f"tensors {k0!r} and {k1!r} overlap")
-        self.infos = infos
+        self.infos, self.metadata = parse_safetensors(raw, self.name, size - self.data_start)
         # data order = the order writers and copy runs follow
-        self.order = sorted(infos, key=lambda k: (infos[k].begin, k))
-
-    def _check_entry(self, key: str, entry: object, data_size: int) -> TensorInfo:
-        if not isinstance(entry, dict):
-            raise self._bad(f"entry {key!r} is not an object")
-        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise self._bad(f"tensor {key!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise self._bad(f"tensor {key!r} has an invalid shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            raise self._bad(f"tensor {key!r} has invalid data_offsets {offs!r}")
-        begin, end = offs
-        numel = 1
-        for d in shape:
-            numel *= d
-        expect = numel * DTYPES[dtype][1]
-        if begin < 0 or end < begin or end - begin != expect:
-            raise self._bad(f"tensor {key!r}: data_offsets {offs} hold {end - begin} bytes, shape {shape} {dtype} needs {expect}")
-        if end > data_size:
-            raise self._bad(f"tensor {key!r} ends at byte {end} but the data section has {data_size} bytes (truncated file?)")
-        return TensorInfo(key, dtype, tuple(shape), begin, end)
+        self.order = sorted(self.infos, key=lambda k: (self.infos[k].begin, k))
 
     # -- data -------------------------------------------------------------------------
     def keys(self) -> list[str]:

@@ -74,7 +74,7 @@ class TritonRun:
 
     def run(self) -> None:
         for u, n in zip(self.updates, self.launch.run()):
-            u.saturated += n
+            u.out_of_range += n
 
     def rescaled(self) -> None:
         self.launch.set_scales([[g.scale for g in u.segments] for u in self.updates])
@@ -157,7 +157,7 @@ class Prepared:
 
     def run(self) -> None:
         for u in self._work:
-            u.saturated = 0
+            u.out_of_range = 0
         for original, stand_in in self._staged:
             stand_in.copy_(original)
         for r in self.runs:
@@ -165,7 +165,7 @@ class Prepared:
         for original, stand_in in self._staged:
             original.copy_(stand_in)
         for u, w in zip(self.updates, self._work):
-            u.saturated = w.saturated
+            u.out_of_range = w.out_of_range
 
     def rescaled(self) -> None:
         for r in self.runs:
@@ -173,7 +173,8 @@ class Prepared:
 
 
 def update_many_(updates: list[Update], *, rounding: str = "nearest", seed: int = 0, backend: str = "auto") -> None:
-    """Apply every update in place (grouped into one kernel launch per storage kind on CUDA)."""
+    """Apply every update in place (grouped into one kernel launch per storage kind on CUDA); each
+    update's ``out_of_range`` counts what its storage could not hold."""
     Prepared(updates, rounding=rounding, seed=seed, backend=backend).run()
 
 

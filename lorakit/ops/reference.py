@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..codecs import Codec
+from ..codecs.rounding import count_nonfinite
 from .types import Update, as_matrix
 
 # elements per step of the reference: the product, its scaling and the add stay in cache (2 MB;
@@ -63,9 +64,11 @@ def reference_update(u: Update, codec: Codec, rounding: str, seed: int) -> None:
                 t = t_buf[: (hi - lo) * cols].view(hi - lo, cols)
                 torch.mm(up[lo - r0:hi - r0], down, out=t)
                 v[lo - c0:hi - c0].add_(t if s is None else t.mul_(s))
-        if not in_place:
-            u.saturated += codec.encode_(part, v, orig, rounding=rounding, seed=seed, key=u.key,
-                                         index_offset=c0 * cols)
+        if in_place:
+            u.out_of_range += count_nonfinite(part)
+        else:
+            u.out_of_range += codec.encode_(part, v, orig, rounding=rounding, seed=seed, key=u.key,
+                                            index_offset=c0 * cols)
 
 
 class TorchRun:

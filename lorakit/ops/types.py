@@ -39,7 +39,8 @@ class Update:
     key: str = ""  # names the tensor for the stochastic-rounding counter
     codec: Codec | None = None
     source: torch.Tensor | None = None
-    saturated: int = field(default=0, init=False)
+    # elements the encoding could not hold: fp8 values clipped at the limit; inf / NaN in wider formats
+    out_of_range: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.codec is None:
