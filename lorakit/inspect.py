@@ -78,18 +78,20 @@ def describe(path: str) -> dict:
 
 def _describe_lora(path: str, size: int) -> dict:
     lora = load_lora(path)
-    groups: dict[str, dict] = {}
-    for key, t in lora.tensors.items():
+    groups: dict[str, dict[str, str]] = {}
+    for key in lora.tensors:
         module, role = formats.split_key(key, lambda m: False)
-        groups.setdefault(module, {})[role] = t
+        groups.setdefault(module, {})[role] = key
+    shapes = {k: tuple(t.shape) for k, t in lora.tensors.items()}
     algos: Counter = Counter()
     ranks: Counter = Counter()
     alphas: Counter = Counter()
     parts: Counter = Counter()
     per_module = {}
     for module, roles in groups.items():
-        adapter, _, _ = select(roles, None)
-        algo = adapter.algo_name if adapter else "unknown"
+        invalid = formats.factor_problems(roles, shapes)
+        adapter = None if invalid else select({r: lora.tensors[k] for r, k in roles.items()}, None)[0]
+        algo = "invalid" if invalid else (adapter.algo_name if adapter else "unknown")
         algos[algo] += 1
         if adapter is not None and adapter.rank is not None:
             ranks[adapter.rank] += 1

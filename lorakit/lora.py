@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from . import formats
-from .arch import lora_family
+from .arch import detect, lora_family
+from .errors import FileFormatError, LorakitError
+from .io import open_container
 from .io.safetensors import load_all
 
 
@@ -31,7 +33,17 @@ class LoraFile:
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:
-    """Read a LoRA file completely (LoRAs are small) and classify it."""
+    """Read a LoRA file completely (LoRAs are small) and classify it. A checkpoint given as the LoRA
+    is recognised from its header, before its data is read."""
+    with open_container(path) as f:
+        keys, shapes = f.keys(), f.shapes()
+    if keys and not formats.looks_like_lora(keys):
+        try:
+            spec = detect(shapes, str(path))
+        except LorakitError:
+            spec = None
+        if spec is not None:
+            raise FileFormatError(f"{path}: is a checkpoint ({spec.name}), not a LoRA: BASE and LORA swapped?")
     tensors, metadata, raw = load_all(path)
     keys = list(tensors)
     arch, source = lora_family(keys, metadata)

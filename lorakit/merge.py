@@ -54,7 +54,8 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
     """Map every LoRA onto BASE and report; raises on strict-mode failures. Writes nothing."""
     with open_container(base) as f:
         shapes = f.shapes()
-    return plan_loras(str(base), detect(shapes, str(base)), shapes, loras, model_only=model_only,
+        dtypes = {k: f.dtype(k) for k in shapes}
+    return plan_loras(str(base), detect(shapes, str(base)), shapes, dtypes, loras, model_only=model_only,
                       allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite)
 
 
@@ -142,8 +143,8 @@ class OutOfRange:
     NaN a merge would write into a wider format where BASE had none (refused unless
     ``allow_nonfinite``: the LoRA's change at these strengths overflows the format)."""
 
-    def __init__(self, name: str, allow_nonfinite: bool) -> None:
-        self.name, self.allow_nonfinite = name, allow_nonfinite
+    def __init__(self, name: str, loras: str, allow_nonfinite: bool) -> None:
+        self.name, self.loras, self.allow_nonfinite = name, loras, allow_nonfinite
         self.saturated: dict[str, int] = {}
         self.nonfinite: dict[str, int] = {}
 
@@ -155,8 +156,8 @@ class OutOfRange:
         if new <= 0:
             return
         if not self.allow_nonfinite:
-            raise NonFiniteError(f"{self.name}: the merge would write {new} inf / NaN values into {key} "
-                                 f"({codec.name}): the LoRA's change at these strengths overflows the format; "
+            raise NonFiniteError(f"{self.name}: the merge with {self.loras} would write {new} inf / NaN values into "
+                                 f"{key} ({codec.name}): the LoRA's change at these strengths overflows the format; "
                                  "nothing was written (lower the strength, or --allow-nonfinite to write them)")
         self.nonfinite[key] = new
 
@@ -221,7 +222,7 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
             fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=TEMP_SUFFIX, dir=out_p.parent)
             os.fchmod(fd, new_file_mode(base_p if in_place else None))
             bar = Progress(src.file_size - src.data_start, "merging", enabled=progress)
-            out_of_range = OutOfRange(str(base_p), allow_nonfinite)
+            out_of_range = OutOfRange(str(base_p), ", ".join(Path(ls.path).name for ls in loras), allow_nonfinite)
             try:
                 writer = Writer(fd, direct=direct_io)
                 writer.write(header)

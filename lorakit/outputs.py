@@ -37,8 +37,6 @@ def check_output(out: Path, *, base: Path | None, others: Sequence[Path] = (), f
         raise OutputError(f"{out}: give a file name for OUT")
     if "\0" in str(out):
         raise OutputError(f"{out!r}: OUT contains a NUL byte")
-    if suffixes and out.suffix.lower() not in suffixes:
-        raise OutputError(f"{out}: this command writes {' / '.join(suffixes)} files; name OUT with that suffix")
     folder = out.parent
     if not folder.is_dir():
         raise OutputError(f"{out}: folder {folder} does not exist")
@@ -59,6 +57,8 @@ def check_output(out: Path, *, base: Path | None, others: Sequence[Path] = (), f
                                   "file first)")
         elif not force:
             raise OutputError(f"{out}: already exists; pass --force to replace it")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise OutputError(f"{out}: this command writes {' / '.join(suffixes)} files; name OUT with that suffix")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: folder {folder} is not writable")
 

@@ -203,7 +203,8 @@ class PatchHandle:
             undone = self._backup is not None
             if undone:
                 self.restore()
-            raise NonFiniteError(f"{self.plan.base_path}: patching writes {sum(overflow.values())} inf / NaN values "
+            loras = ", ".join(ls.path for ls in self.specs)
+            raise NonFiniteError(f"{loras}: patching {self.plan.base_path} writes {sum(overflow.values())} inf / NaN values "
                                  f"({overflow[key]} in {key}): the LoRA's change at these strengths overflows "
                                  f"{self._touched[key].dtype}; " + ("the weights were restored" if undone else
                                                    "the weights hold them (no backup to restore from)")
@@ -251,7 +252,9 @@ def patch(target: object, loras: list[object], *, model_only: bool = False, back
     shapes, lay = _views(tensors)
     spec = detect(shapes, "the patch target")
     specs = [_as_spec(x) for x in loras]
-    the_plan = plan_loras("the patch target", spec, shapes, specs, model_only=model_only,
+    dtypes = ({k: v.dtype for k, v in tensors.items()} if lay is None else
+              {k: tensors[b[0].key].dtype for k, b in lay.blocks.items()})
+    the_plan = plan_loras("the patch target", spec, shapes, dtypes, specs, model_only=model_only,
                           allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, keep_zero=True)
     targets = []
     files = TensorDict(tensors, "the patch target")

@@ -23,11 +23,13 @@ from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
 from .arch import KINDS, BaseSpec, Component, Target, claim, family_name
+from .codecs import patchable
 from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UsageError
 from .lora import LoraFile, load_lora
 from .reports import LoraReport, Matched, PlanReport, Skipped, Unmatched
 
 Shapes = dict[str, tuple[int, ...]]
+Dtypes = dict[str, torch.dtype]
 NEAREST_FOR = 5  # unmatched modules that get "nearest base names" hints
 
 
@@ -132,11 +134,11 @@ def parse_lora_arg(arg: str) -> LoraSpec:
     if len(parts) > 1 and not _path_like(parts[-1]) and not os.path.exists(path):
         raise UsageError(f"too many strengths in {arg!r} (give PATH, PATH:MODEL or PATH:MODEL:CLIP)")
     values = []
-    for field in nums:
+    for text in nums:
         try:
-            values.append(strength_value(field, arg))
+            values.append(strength_value(text, arg))
         except UsageError:
-            raise UsageError(f"invalid strength {field!r} in {arg!r} (use 1.0, or MODEL:CLIP)") from None
+            raise UsageError(f"invalid strength {text!r} in {arg!r} (use 1.0, or MODEL:CLIP)") from None
     return LoraSpec(path, values[0], values[1] if len(values) > 1 else None)
 
 
@@ -219,7 +221,7 @@ class Resolved:
     bias_target: Target | None
 
 
-def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, shapes: Shapes, *,
+def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,
             model_only: bool, report: LoraReport, skipped: dict[str, tuple[str, list[str]]]) -> Resolved | None:
     """Find the module's target and adapter and check they fit; what does not lands in the report."""
     keys = sorted(roles.values())
@@ -238,6 +240,10 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
     target = alias.target
     if model_only and comp.strength_kind == "clip":
         skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
+        return None
+    if not patchable(dtypes[target.key]):
+        report.unmatched.append(Unmatched(module, keys, f"{target.key} is stored as {dtypes[target.key]}; LoRAs change "
+                                                        "floating-point tensors only"))
         return None
     problems = formats.factor_problems(roles, {k: tuple(lora.tensors[k].shape) for k in roles.values()})
     if problems:
@@ -258,8 +264,8 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
     bias_target, bias = None, adapter.bias_delta()
     if reason is None and bias is not None:
         bkey = target.bias_key()
-        if bkey is None or bkey not in shapes:
-            reason = f"carries a bias change but BASE has no bias for {target.key}"
+        if bkey is None or bkey not in shapes or not patchable(dtypes[bkey]):
+            reason = f"carries a bias change but BASE has no floating-point bias for {target.key}"
         else:
             bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
             bview = _view_shape(shapes[bkey], bias_target)
@@ -299,7 +305,8 @@ def emit(r: Resolved, lora: LoraFile, ls: LoraSpec, index: int, *, allow_nonfini
                                                         kind))
 
 
-def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: Shapes, *, model_only: bool,
+def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,
+              model_only: bool,
               allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False) -> LoraReport:
     """Map one LoRA onto the base; append its ops; return its report.
 
@@ -309,7 +316,7 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
     groups, report.unmatched = group_keys(lora, spec)
     skipped: dict[str, tuple[str, list[str]]] = {}
     for module, roles in groups.items():
-        r = resolve(lora, module, roles, spec, shapes, model_only=model_only, report=report, skipped=skipped)
+        r = resolve(lora, module, roles, spec, shapes, dtypes, model_only=model_only, report=report, skipped=skipped)
         if r is not None:
             emit(r, lora, ls, index, allow_nonfinite=allow_nonfinite, keep_zero=keep_zero, ops=ops, report=report)
     report.skipped = [Skipped(c, why, sorted(keys)) for c, (why, keys) in sorted(skipped.items())]
@@ -320,7 +327,8 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
     return report
 
 
-def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, loras: list[LoraSpec], *, model_only: bool,
+def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, loras: list[LoraSpec], *,
+               model_only: bool,
                allow_unmatched: bool, allow_nonfinite: bool, keep_zero: bool = False) -> Plan:
     """Load, check and plan every LoRA in order onto one base (shared by merge and patch); strict
     unless ``allow_unmatched``."""
@@ -331,7 +339,7 @@ def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, loras: list[LoraS
     for i, ls in enumerate(loras):
         lora = load_lora(ls.path)
         check_compatible(lora, spec, base_name)
-        entry = plan_lora(lora, ls, i, spec, shapes, model_only=model_only, allow_nonfinite=allow_nonfinite,
+        entry = plan_lora(lora, ls, i, spec, shapes, dtypes, model_only=model_only, allow_nonfinite=allow_nonfinite,
                           ops=result.ops, keep_zero=keep_zero)
         if entry.unmatched and not allow_unmatched:
             raise unmatched_error(entry, base_name, spec)

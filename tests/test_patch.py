@@ -253,3 +253,38 @@ def test_hot_swap_with_the_kernel_backend(zoo: Path) -> None:
     assert same(sd, fresh) == []
     h.set_strengths([0.0])
     assert same(sd, original) == []
+
+
+@pytest.mark.parametrize("base_name", ["flux1_tiny_dev_bfl", "flux1_tiny_dev_fp8_e4m3fn_scaled"])
+def test_thousand_patch_cycles_stay_bit_exact(zoo: Path, base_name: str) -> None:
+    """1000 cycles of set_strengths / restore / apply in a seeded random order on the zoo's Flux
+    model: every state equals a fresh patch at the same strength, every restore the original bits."""
+    import random
+
+    base = zoo / f"base/flux/{base_name}.safetensors"
+    lora = str(zoo / "flux/flux_aitoolkit_lora.safetensors")
+    strengths = [0.0, 0.3, -1.0, 0.8, 1.7]
+    fresh = {}
+    for s in strengths:
+        sd = load_file(base)
+        lorakit.patch(sd, [f"{lora}:{s}"], seed=5)
+        fresh[s] = sd
+    original = load_file(base)
+    sd = load_file(base)
+    rng = random.Random(1000)
+    with lorakit.patch(sd, [f"{lora}:0.8"], seed=5) as h:
+        current = 0.8
+        for _ in range(1000):
+            action = rng.random()
+            if action < 0.6:
+                current = rng.choice(strengths)
+                h.set_strengths([current])
+                assert same(sd, fresh[current]) == []
+            elif action < 0.8:
+                h.restore()
+                assert same(sd, original) == []
+            else:
+                h.apply()
+                assert same(sd, fresh[current]) == []
+        assert h.report().loras[0].model_strength == current
+    assert same(sd, original) == []

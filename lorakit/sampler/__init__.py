@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..errors import OutputError, SampleError
+from ..errors import SampleError
+from ..outputs import check_output
 from ..planner import LoraSpec
 from .pipeline import FluxPipeline, Options, SDPipeline, describe, load
 from .png import save_png, to_rgb
@@ -24,10 +25,8 @@ def sample(out: str | os.PathLike, opt: Options, *, ckpt: str | None = None, une
            loras: list[LoraSpec] = (), force: bool = False) -> dict:
     """Generate one image and write it as PNG with its parameters; returns a report."""
     out_p = Path(out)
-    if out_p.exists() and not force:
-        raise OutputError(f"{out_p}: already exists; pass --force to replace it")
-    if not out_p.parent.is_dir():
-        raise OutputError(f"{out_p}: folder {out_p.parent} does not exist")
+    inputs = [Path(p) for p in (ckpt, unet, clip_l, t5, vae) if p] + [Path(x.path) for x in loras]
+    check_output(out_p, base=None, others=inputs, force=force, suffixes=(".png",))
     if opt.sampler != "euler":
         raise SampleError(f"sampler {opt.sampler!r} is not implemented; lorakit samples with euler")
     t0 = time.monotonic()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..outputs import TEMP_SUFFIX, new_file_mode
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
@@ -37,18 +39,12 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
 def save_png(path: str | os.PathLike, rgb: torch.Tensor, text: dict[str, str]) -> None:
     """Write atomically: a temporary file beside ``path``, renamed when complete."""
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(encode_png(rgb, text))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode(None))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    u = os.umask(0)
-    os.umask(u)
-    return u
