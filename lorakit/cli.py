@@ -11,7 +11,6 @@ import click
 
 from ._version import __version__
 from .errors import LorakitError
-from .planner import parse_lora_arg
 from .reports import DryRunReport, MergeReport, PlanReport
 
 
@@ -54,6 +53,8 @@ def _run(fn, *args, **kwargs):
 
 
 def _lora_args(args: tuple[str, ...]) -> list:
+    from .planner import parse_lora_arg
+
     return [parse_lora_arg(a) for a in args]
 
 

@@ -22,7 +22,7 @@ from . import formats
 from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
-from .arch import KINDS, BaseSpec, Component, Target, claim, family_name
+from .arch import BaseSpec, Component, Target, claim, family_name
 from .codecs import patchable
 from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UsageError
 from .lora import LoraFile, load_lora
@@ -231,9 +231,10 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
         owner = claim(module, prefer)
         cid = owner[0] if owner else None
         if cid is not None and spec.component(cid) is None:
-            skipped.setdefault(KINDS[cid].label, ("component not in BASE", []))[1].extend(keys)
+            skipped.setdefault(owner[2], ("component not in BASE", []))[1].extend(keys)
         else:
-            where = "" if cid is None else f" of the {KINDS[cid].label}"
+            present = spec.component(cid) if cid is not None else None
+            where = "" if present is None else f" of the {present.label}"
             report.unmatched.append(Unmatched(module, keys, f"no tensor{where} in BASE has this name"))
         return None
     comp, alias = hit

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"lorakit": ROOT / "lorakit", "lorakit.kernels": ROOT / "kernels"}
 LOWER = ("lorakit.io", "lorakit.ops", "lorakit.arch", "lorakit.formats", "lorakit.codecs", "lorakit.kernels")
-UPPER = ("lorakit.planner", "lorakit.engine", "lorakit.merge", "lorakit.patch", "lorakit.check", "lorakit.cli",
+UPPER = ("lorakit.planner", "lorakit.engine", "lorakit.merge", "lorakit.patching", "lorakit.check", "lorakit.cli",
          "lorakit.sampler", "lorakit.workflow")
 
 
@@ -74,3 +74,30 @@ def test_no_import_cycles() -> None:
 def test_lower_layers_do_not_import_commands() -> None:
     bad = [(m, n) for m, deps in _graph().items() if m.startswith(LOWER) for n in deps if n.startswith(UPPER)]
     assert bad == []
+
+
+def test_public_names_are_the_functions_not_modules() -> None:
+    """No public name is hidden by a submodule of the same name (lorakit.plan once was)."""
+    import lorakit
+    import lorakit.merge  # noqa: F401
+    import lorakit.patching  # noqa: F401
+    import lorakit.planner  # noqa: F401
+
+    for name in ("patch", "plan", "merge_file", "load_lora", "LoraSpec", "parse_lora_arg", "lowrank_update_"):
+        assert callable(getattr(lorakit, name)), name
+
+
+def test_import_and_the_command_line_start_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, lorakit, lorakit.cli; from lorakit._entry import main; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for args in (["--version"], ["--help"], ["merge", "--help"]):
+        res = subprocess.run([sys.executable, "-c", "import sys; sys.argv[1:] = " + repr(args) +
+                              "; from lorakit._entry import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+                              "assert 'torch' not in sys.modules, 'torch imported'"],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, (args, res.stderr)

@@ -73,16 +73,17 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> tuple[str | None, 
     return fid, f"key {first}"
 
 
-def claim(module: str, prefer: tuple[str | None, ...] = ()) -> tuple[str, str] | None:
-    """(component kind id, the name prefix that decided) of a LoRA module name no table matched:
-    the families in ``prefer`` first, then all in registry order; the longest claim wins."""
+def claim(module: str, prefer: tuple[str | None, ...] = ()) -> tuple[str, str, str] | None:
+    """(component kind id, the name prefix that decided, the family's word for the component) of
+    a LoRA module name no table matched: the families in ``prefer`` first, then all in registry
+    order; the longest claim wins."""
     order = [BY_ID[f] for f in prefer if f in BY_ID] + list(FAMILIES)
     for fam in order:
         best = None
         for slot in fam.slots:
             for c in slot.name_claims():
                 if c and module.startswith(c) and (best is None or len(c) > len(best[1])):
-                    best = (slot.kind.id, c)
+                    best = (slot.kind.id, c, slot.word)
         if best is not None:
             return best
     return None

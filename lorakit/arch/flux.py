@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..keys import count
 from . import conventions as C
 from .modules import Row, Table, View, expand, native_space
-from .spec import DENOISER, Convention, Family, Shapes, Signature, Slot, Target
+from .spec import DENOISER, Convention, Family, Shapes, Signature, Slot, Target, vae_slot
 from .text import clip_l_slot, t5_slot
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -108,8 +108,9 @@ def details(shapes: Shapes, prefix: str) -> dict:
 
 FLUX1 = Family(
     id="flux", name="Flux.1",
-    slots=(Slot(DENOISER, PREFIXES, spaces, CONVENTIONS),
-           clip_l_slot("text_encoders.clip_l.transformer."), t5_slot("text_encoders.t5xxl.transformer.")),
+    slots=(Slot(DENOISER, PREFIXES, spaces, CONVENTIONS, label="transformer"),
+           clip_l_slot("text_encoders.clip_l.transformer."), t5_slot("text_encoders.t5xxl.transformer."),
+           vae_slot("vae.")),
     signature=Signature(("double_blocks.0.img_attn.qkv.weight",)),
     lora_signals=(r"double_blocks|single_blocks|single_transformer_blocks|transformer\.transformer_blocks|"
                   r"lycoris_transformer_blocks|lora_transformer_|lora_te3_|x_embedder",),

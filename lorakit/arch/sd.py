@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..keys import count, indices
 from . import conventions as C
 from .modules import Layout, View
-from .spec import DENOISER, Block, Convention, Family, Shapes, Signature, Slot, Target
+from .spec import DENOISER, Block, Convention, Family, Shapes, Signature, Slot, Target, vae_slot
 from .text import clip_g_slot, clip_l_slot
 
 # resnet children: LDM name -> diffusers name
@@ -169,14 +169,15 @@ CONVENTIONS = (
     Convention("diffusers-legacy", "denoiser", "unet.", ".", "diffusers-processor", roles="diffusers-processor"),
     Convention("diffusers-legacy", "denoiser", "", ".", "diffusers-processor", roles="diffusers-processor"),
 )
-UNET = Slot(DENOISER, PREFIXES, spaces, CONVENTIONS, claims=("model.diffusion_model.",))
+UNET = Slot(DENOISER, PREFIXES, spaces, CONVENTIONS, claims=("model.diffusion_model.",), label="U-Net")
 DIFFUSERS_VIEW = View("diffusers UNet2DConditionModel",
                       Signature(("conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.resnets.0.")),
                       build=diffusers_layout)
 
 SD15 = Family(
     id="sd15", name="SD1.5",
-    slots=(UNET, clip_l_slot("cond_stage_model.transformer.", kohya=("lora_te_", "lora_te1_"))),
+    slots=(UNET, clip_l_slot("cond_stage_model.transformer.", kohya=("lora_te_", "lora_te1_")),
+           vae_slot("first_stage_model.")),
     signature=Signature(("input_blocks.0.0.weight",)),
     lora_signals=(r"input_blocks_[12]_1_|output_blocks_(9|10|11)_|down_blocks[._]0[._]attentions|"
                   r"up_blocks[._]3[._]attentions",),
@@ -185,7 +186,8 @@ SD15 = Family(
 )
 SDXL = Family(
     id="sdxl", name="SDXL",
-    slots=(UNET, clip_l_slot("conditioner.embedders.0.transformer."), clip_g_slot("conditioner.embedders.1.model.")),
+    slots=(UNET, clip_l_slot("conditioner.embedders.0.transformer."), clip_g_slot("conditioner.embedders.1.model."),
+           vae_slot("first_stage_model.")),
     signature=Signature(("input_blocks.0.0.weight", "label_emb.0.0.weight")),
     lora_signals=(r"lora_te2_|text_encoder_2\.|transformer_blocks[._][1-9]|label_emb|add_embedding",),
     metadata=("sdxl_base_v1-0", "sdxl_1.0"), modelspec=("stable-diffusion-xl",),

@@ -77,11 +77,12 @@ class Kind:
     strength: str  # "model" or "clip"
 
 
-DENOISER = Kind("denoiser", "diffusion model (UNet / Flux transformer)", "model")
-CLIP_L = Kind("clip_l", "text encoder 1 (CLIP-L)", "clip")
-CLIP_G = Kind("clip_g", "text encoder 2 (OpenCLIP bigG)", "clip")
+DENOISER = Kind("denoiser", "diffusion model", "model")  # families name it: U-Net, transformer
+CLIP_L = Kind("clip_l", "CLIP-L text encoder", "clip")
+CLIP_G = Kind("clip_g", "OpenCLIP bigG text encoder", "clip")
 T5XXL = Kind("t5xxl", "T5-XXL text encoder", "clip")
-KINDS = {k.id: k for k in (DENOISER, CLIP_L, CLIP_G, T5XXL)}
+VAE = Kind("vae", "VAE", "none")  # LoRAs never change it; listed so reports show the whole file
+KINDS = {k.id: k for k in (DENOISER, CLIP_L, CLIP_G, T5XXL, VAE)}
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,11 @@ class Component:
     prefix: str  # key prefix of this component inside the base file
     spaces: dict[str, dict[str, Target]]
     conventions: tuple[Convention, ...]
+    label: str = ""  # the family's word for it ("U-Net", "transformer"); the kind's otherwise
     aliases: dict[str, Alias] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.label = self.label or self.kind.label
         for conv in self.conventions:
             for module, target in self.spaces.get(conv.space, {}).items():
                 name = conv.spell(module)
@@ -141,10 +144,6 @@ class Component:
     @property
     def id(self) -> str:
         return self.kind.id
-
-    @property
-    def label(self) -> str:
-        return self.kind.label
 
     @property
     def strength_kind(self) -> str:
@@ -164,12 +163,17 @@ class Slot:
     conventions: tuple[Convention, ...]
     probe: str = ""
     claims: tuple[str, ...] = ()  # more name prefixes of this component no convention spells
+    label: str = ""  # the family's word for the component; the kind's label otherwise
+
+    @property
+    def word(self) -> str:
+        return self.label or self.kind.label
 
     def present(self, keys: list[str]) -> str | None:
         return next((p for p in self.prefixes if any(k.startswith(p + self.probe) for k in keys)), None)
 
     def component(self, shapes: Shapes, prefix: str) -> Component:
-        return Component(self.kind, prefix, self.build(shapes, prefix), self.conventions)
+        return Component(self.kind, prefix, self.build(shapes, prefix), self.conventions, self.word)
 
     def name_claims(self) -> list[str]:
         return [c for conv in self.conventions for c in conv.claims()] + list(self.claims)
@@ -242,3 +246,12 @@ class BaseSpec:
             if a is not None:
                 return c, a
         return None
+
+
+def no_spaces(shapes: Shapes, prefix: str) -> dict[str, dict[str, Target]]:
+    """A component no LoRA addresses (the VAE): no module spaces."""
+    return {}
+
+
+def vae_slot(prefix: str) -> Slot:
+    return Slot(VAE, (prefix,), no_spaces, ())

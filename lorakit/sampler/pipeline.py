@@ -25,7 +25,7 @@ from ..models.layers import from_state_dict, timestep_embedding
 from ..models.text import CLIPText, OpenCLIPText, T5Encoder
 from ..models.unet import UNet
 from ..models.vae import FLUX_LATENT, SD15_LATENT, SDXL_LATENT, AutoencoderKL, LatentFormat
-from ..patch import patch
+from ..patching import patch
 from ..planner import LoraSpec
 from ..progress import Progress
 from .schedule import Discrete, Flow, sigmas
