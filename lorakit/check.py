@@ -31,9 +31,14 @@ from .checkmodel import model_level
 from .engine import own_merge, reference
 from .io import Container, open_container
 from .merge import plan
-from .planner import LoraSpec, Op
+from .arch import detect
+from .errors import ArchitectureMismatch
+from .formats import looks_like_lora
+from .planner import LoraSpec, Op, Plan
+from .progress import Progress
 
 BELOW_RESOLUTION = 0.3
+EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}
 
 
 @dataclass
@@ -60,12 +65,26 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
+        """Nothing failed (see ``result`` for whether anything was confirmed)."""
         model_ok = self.model.get("status", "skipped") != "FAIL"
         return (model_ok and not self.problems and not self.untouched_changed and not self.nonfinite
                 and all(t.status != "FAIL" for t in self.tensors))
 
+    @property
+    def result(self) -> str:
+        """PASS: nothing failed and some change was confirmed; FAIL: something failed; INCONCLUSIVE:
+        nothing failed, but every change is below what the stored format can hold."""
+        if not self.passed:
+            return "FAIL"
+        confirmed = any(t.status == "ok" for t in self.tensors) or self.model.get("status") == "ok"
+        return "PASS" if confirmed else "INCONCLUSIVE"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.result]
+
     def to_json(self) -> dict:
-        return {"result": "PASS" if self.passed else "FAIL", "base": self.base, "merged": self.merged,
+        return {"result": self.result, "base": self.base, "merged": self.merged,
                 "tensors": [t.__dict__ for t in self.tensors],
                 "counts": {s: sum(t.status == s for t in self.tensors) for s in ("ok", "below-resolution", "FAIL")},
                 "untouched_changed": self.untouched_changed, "problems": self.problems, "nonfinite": self.nonfinite,
@@ -81,9 +100,11 @@ def _floor(codec: Codec, new: torch.Tensor, delta_norm: float, rounding: str) ->
 
 def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.PathLike | None = None,
           model_only: bool = False, rounding: str | None = None, seed: int = 0, model_check: bool = True,
-          device: str = "cpu") -> CheckReport:
+          device: str = "cpu", progress: bool | None = None) -> CheckReport:
     """Check ``merged`` (or lorakit's in-memory merge) of ``loras`` into ``base``; see the module doc."""
     the_plan = plan(base, loras, model_only=model_only, allow_unmatched=True, allow_nonfinite=True)
+    if merged is not None:
+        _same_kind(the_plan, merged)
     report = CheckReport(str(base), None if merged is None else str(merged))
     for entry in the_plan.loras:
         if entry.unmatched:
@@ -96,10 +117,16 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
     out = open_container(merged) if merged is not None else None
     try:
         mode = default_rounding([src.codec(k) for k in the_plan.ops], rounding)
-        _tensor_level(src, out, the_plan.ops, report, mode, seed)
+        bar = Progress(len(the_plan.ops), "checking", enabled=progress, unit="tensors")
+        try:
+            _tensor_level(src, out, the_plan.ops, report, mode, seed, bar)
+        finally:
+            bar.close()
         if out is not None:
             _untouched(src, out, set(the_plan.ops), report)
-        if model_check:
+        if model_check and out is not None and report.problems:
+            report.model = {"status": "skipped", "reason": "the merged file does not hold every tensor of BASE"}
+        elif model_check:
             report.model = model_level(src, out, the_plan, mode, seed, torch.device(device))
         else:
             report.model = {"status": "skipped", "reason": "--no-model"}
@@ -110,12 +137,26 @@ def check(base: str | os.PathLike, loras: list[LoraSpec], *, merged: str | os.Pa
     return report
 
 
+def _same_kind(the_plan: Plan, merged: str | os.PathLike) -> None:
+    """MERGED must be a checkpoint of BASE's family (not the LoRA, not another model)."""
+    with open_container(merged) as f:
+        shapes = f.shapes()
+    if looks_like_lora(list(shapes)):
+        raise ArchitectureMismatch(f"{merged}: --merged is a LoRA, not a merged checkpoint; give the file the merge "
+                                   "wrote")
+    spec = detect(shapes, str(merged))
+    if spec.arch != the_plan.spec.arch:
+        raise ArchitectureMismatch(f"{merged}: --merged is {spec.name}, but BASE {the_plan.base_path} is "
+                                   f"{the_plan.spec.name}; give the merge of this BASE")
+
+
 def _tensor_level(src: Container, out: Container | None, ops: dict[str, list[Op]], report: CheckReport,
-                  rounding: str, seed: int) -> None:
+                  rounding: str, seed: int, bar: Progress) -> None:
     """Per-tensor checks, one tensor in memory at a time."""
     base_shapes = src.shapes()
     out_shapes = out.shapes() if out is not None else {}
     for key, key_ops in ops.items():
+        bar.advance(1)
         w32, codec, base_raw = src.decode(key)
         ref = reference(w32, key_ops)
         d_ref = ref - w32

@@ -11,7 +11,7 @@ import click
 
 from ._version import __version__
 from .errors import LorakitError
-from .reports import DryRunReport, MergeReport, PlanReport
+from .reports import DryRunReport, PlanReport
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # as timeout, systemd, a container stop or a closed terminal send
@@ -34,15 +34,20 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def _run(fn, *args, **kwargs):
+def _run(fn, *args, as_json: bool = False, **kwargs):
     """Call the library; turn typed errors, Ctrl-C and stop signals into one line and an exit status
-    (128 + the signal's number for signals)."""
+    (128 + the signal's number for signals). With ``as_json`` a typed error is also printed as a
+    JSON document on stdout, so a ``--json`` caller always gets one."""
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS} if main_thread else {}
     try:
         return fn(*args, **kwargs)
     except LorakitError as e:
-        _fail(" ".join(str(e).split()), e.exit_code)
+        message = " ".join(str(e).split())
+        if as_json:
+            click.echo(json.dumps({"error": {"type": type(e).__name__, "message": message, "exit_code": e.exit_code}},
+                                  indent=1))
+        _fail(message, e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", 128 + signal.SIGINT)
     except Stopped as e:
@@ -61,14 +66,17 @@ def _lora_args(args: tuple[str, ...]) -> list:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorakit")
 def main() -> None:
-    """Merge LoRAs into SD1.5 / SDXL / Flux.1 checkpoints exactly and in bounded memory; check merges; sample."""
+    """Merge LoRAs into SD1.5 / SDXL / Flux.1 checkpoints exactly and in bounded memory; inspect files;
+    check merges; sample. Every error is one line on stderr and a non-zero exit; no input is ever
+    written."""
 
 
 @main.command()
 @click.argument("base", type=click.Path(dir_okay=False), required=False)
 @click.argument("loras", nargs=-1, metavar="LORA[:MODEL_STRENGTH[:CLIP_STRENGTH]]...")
 @click.option("-o", "--output", "out", type=click.Path(),
-              help="Output file (required unless --dry-run); with --workflow and several files, a folder.")
+              help="Output file (.safetensors); a folder (a name ending with '/') gets <base name>_lorakit.safetensors "
+                   "(with --workflow: one per base). Required unless --dry-run.")
 @click.option("--workflow", type=click.Path(dir_okay=False), help="Bake the LoRA chain of a ComfyUI workflow JSON.")
 @click.option("--models-dir", type=click.Path(file_okay=False), help="ComfyUI models/ folder (with --workflow).")
 @click.option("--node", "node_id", help="With --workflow: the LoRA loader node whose chain to bake.")
@@ -78,10 +86,12 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of stochastic rounding.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--allow-unmatched", is_flag=True, help="Apply what matches; report LoRA keys that address nothing.")
-@click.option("--allow-nonfinite", is_flag=True, help="Merge even if LoRA factors hold NaN/inf.")
-@click.option("--dry-run", is_flag=True, help="Plan only: report what would be applied, write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge even if LoRA factors hold NaN/inf or the result overflows the stored format.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan only: report what would be applied, write nothing; exit 1 when the real run would fail.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or the error) as JSON on stdout.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (never an input file).")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be BASE (still written to a temporary file first).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when a terminal).")
 def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding, seed, device, allow_unmatched,
@@ -98,23 +108,25 @@ def merge(base, loras, out, workflow, models_dir, node_id, model_only, rounding,
             _fail("--workflow needs --models-dir (ComfyUI's models/ folder)", 2)
         options = dict(rounding=rounding, seed=seed, device=device, allow_unmatched=allow_unmatched,
                        allow_nonfinite=allow_nonfinite, force=force, progress=progress)
-        _run(_merge_workflow, workflow, models_dir, out, node_id, dry_run, as_json, options)
+        _run(_merge_workflow, workflow, models_dir, out, node_id, dry_run, as_json, options, as_json=as_json)
         return
     if not base or not loras:
         _fail("missing BASE and at least one LORA (or --workflow)", 2)
-    specs = _run(_lora_args, loras)
+    specs = _run(_lora_args, loras, as_json=as_json)
     if dry_run:
-        p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite)
-        _print_report(DryRunReport(**p.report_fields(), would_fail=bool(
-            not allow_unmatched and any(r.unmatched for r in p.loras))), as_json)
-        return
+        p = _run(plan, base, specs, model_only=model_only, allow_unmatched=True, allow_nonfinite=allow_nonfinite,
+                 as_json=as_json)
+        report = DryRunReport(**p.report_fields(), would_fail=bool(
+            not allow_unmatched and any(r.unmatched for r in p.loras)))
+        _print_report(report, as_json, model_only)
+        sys.exit(1 if report.would_fail else 0)  # the status the real run would end with
     if not out:
         _fail("missing -o/--output OUT (or use --dry-run)", 2)
     _streaming_threads()
     report = _run(merge_file, base, specs, out, model_only=model_only, rounding=rounding, seed=seed, device=device,
                   allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite, force=force, in_place=in_place,
-                  progress=progress)
-    _print_report(report, as_json)
+                  progress=progress, as_json=as_json)
+    _print_report(report, as_json, model_only)
 
 
 def _streaming_threads() -> None:
@@ -137,7 +149,7 @@ def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: st
 
     jobs = wf.plan_jobs(wf.load(workflow), Path(models_dir), node_id=node_id)
     _streaming_threads()
-    wf.assign_outputs(jobs, Path(out) if out else None)
+    wf.assign_outputs(jobs, out, make_folder=not dry_run)
     extra = [f"--{k.replace('_', '-')}" for k in ("allow_unmatched", "allow_nonfinite", "force") if options[k]]
     extra += ["--rounding", options["rounding"]] if options["rounding"] else []
     extra += ["--seed", str(options["seed"])] if options["seed"] else []
@@ -153,48 +165,17 @@ def _merge_workflow(workflow: str, models_dir: str, out: str | None, node_id: st
             report = merge_file(job.base, specs, job.out, model_only=job.model_only, **options)
         reports.append(report)
         if not as_json:
-            _print_report(report, False)
+            _print_report(report, False, job.model_only)
     if as_json:
         click.echo(json.dumps({"workflow": workflow, "jobs": [
             {"command": j.command(extra), "base": str(j.base), "out": str(j.out), "report": r.to_json()}
             for j, r in zip(jobs, reports)]}, indent=1))
 
 
-def _print_report(report: PlanReport, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=1))
-        return
-    dry = isinstance(report, DryRunReport)
-    verb = "would apply" if dry else "applied"
-    click.echo(f"BASE {report.base}: {report.base_arch_name} ({', '.join(report.components)})")
-    for r in report.loras:
-        c = r.counts
-        click.echo(f"LoRA {r.file}: {r.format} format, {r.arch or 'unknown'} arch; "
-                   f"strengths model {r.model_strength:g} / clip {r.clip_strength:g}")
-        click.echo(f"  {verb} {len(r.matched)} modules ({c['matched']} keys); skipped {c['skipped']} keys; "
-                   f"unmatched {c['unmatched']} keys")
-        for s in r.skipped:
-            click.echo(f"  skipped {len(s.keys)} keys of the {s.component} ({s.reason})")
-        for u in r.unmatched[:10]:
-            near = f"; nearest: {u.nearest[0]}" if u.nearest else ""
-            click.echo(f"  unmatched {u.module} ({len(u.keys)} keys): {u.reason}{near}")
-        if len(r.unmatched) > 10:
-            click.echo(f"  ... {len(r.unmatched) - 10} more unmatched modules (see --json)")
-        for n in r.notes:
-            click.echo(f"  note: {n}")
-    for n in report.notes:
-        click.echo(f"note: {n}")
-    if dry:
-        click.echo("dry run: nothing written" + (" (a real run would fail: unmatched keys)" if report.would_fail else ""))
-    elif isinstance(report, MergeReport):
-        if report.applied_modules == 0 and not report.notes:
-            click.echo("note: no LoRA module applies to this BASE; OUT equals BASE apart from metadata")
-        sat = sum(report.fp8_saturated.values())
-        if sat:
-            click.echo(f"warning: {sat} fp8 values saturated at the format's limit in "
-                       f"{len(report.fp8_saturated)} tensors")
-        click.echo(f"wrote {report.out}: {report.tensors_changed} tensors changed, rounding {report.rounding}"
-                   f" (seed {report.seed}), {report.seconds:.2f} s")
+def _print_report(report: PlanReport, as_json: bool, model_only: bool) -> None:
+    from .render import plan_text
+
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else plan_text(report, model_only=model_only))
 
 
 @main.command()
@@ -202,10 +183,11 @@ def _print_report(report: PlanReport, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(file, as_json) -> None:
     """Describe a LoRA (format, arch, algorithms, ranks, trigger words) or a checkpoint."""
-    from .inspect import describe, render
+    from .inspect import describe
+    from .render import inspect_text
 
-    info = _run(describe, file)
-    click.echo(json.dumps(info, indent=1) if as_json else render(info))
+    info = _run(describe, file, as_json=as_json)
+    click.echo(json.dumps(info, indent=1) if as_json else inspect_text(info))
 
 
 @main.command()
@@ -220,50 +202,23 @@ def inspect(file, as_json) -> None:
 @click.option("--no-model", is_flag=True, help="Skip the model-level check (denoiser forward in fp32).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the model-level check runs.")
+@click.option("--progress/--no-progress", default=None, help="Progress on stderr (default: when a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def check(base, loras, merged, model_only, rounding, seed, no_model, device, as_json) -> None:
+def check(base, loras, merged, model_only, rounding, seed, no_model, device, progress, as_json) -> None:
     """Check that LORA(s) landed in a merge of BASE: per tensor, at model level, and for NaN/inf/saturation.
 
-    Exit status 0 on PASS, 1 on FAIL."""
+    Exit status: 0 PASS (nothing failed, the change was confirmed); 1 FAIL; 3 INCONCLUSIVE (nothing
+    failed, but every change is below what the stored format can hold, so nothing was confirmed);
+    2 bad arguments."""
     from .check import check as run_check
+    from .render import check_text
 
-    specs = _run(_lora_args, loras)
+    specs = _run(_lora_args, loras, as_json=as_json)
     report = _run(run_check, base, specs, merged=merged, model_only=model_only, rounding=rounding, seed=seed,
-                  model_check=not no_model, device=device)
+                  model_check=not no_model, device=device, progress=progress, as_json=as_json)
     data = report.to_json()
-    if as_json:
-        click.echo(json.dumps(data, indent=1))
-    else:
-        click.echo(_render_check(data))
-    sys.exit(0 if report.passed else 1)
-
-
-def _render_check(d: dict) -> str:
-    c = d["counts"]
-    lines = [f"checked {d['merged'] or 'lorakit merge (in memory)'} against {d['base']}",
-             f"tensors: {c['ok']} ok, {c['below-resolution']} below dtype resolution, {c['FAIL']} FAIL"]
-    for t in [t for t in d["tensors"] if t["status"] == "FAIL"][:10]:
-        lines.append(f"  FAIL {t['key']} ({t['dtype']}): error {t['err']:.3g} vs floor {t['floor']:.3g} — {t['reason']}")
-    below = [t for t in d["tensors"] if t["status"] == "below-resolution"]
-    if below:
-        lines.append(f"  below resolution (not a failure): {', '.join(t['key'] for t in below[:5])}"
-                     f"{' …' if len(below) > 5 else ''}")
-    for k in d["untouched_changed"][:5]:
-        lines.append(f"  FAIL {k}: changed, but no LoRA targets it")
-    lines += [f"  FAIL {p}" for p in d["problems"]]
-    for k, n in list(d["nonfinite"].items())[:5]:
-        lines.append(f"  FAIL {k}: {n} NaN/inf values")
-    if d["fp8_saturated"]:
-        lines.append(f"  note: fp8 values newly at the format's limit in {len(d['fp8_saturated'])} tensors "
-                     f"({sum(d['fp8_saturated'].values())} values)")
-    m = d["model"]
-    if m.get("status") in ("ok", "FAIL", "below-resolution"):
-        lines.append(f"model ({m['model']}, fp32): LoRA effect {m['lora_effect']:.3g}, merged vs runtime LoRA "
-                     f"{m['merged_vs_runtime']:.3g}, floor {m['floor']:.3g} -> {m['status']}")
-    else:
-        lines.append(f"model: skipped ({m.get('reason')})")
-    lines.append(d["result"])
-    return "\n".join(lines)
+    click.echo(json.dumps(data, indent=1) if as_json else check_text(data))
+    sys.exit(report.exit_code)
 
 
 @main.command()

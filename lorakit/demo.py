@@ -16,7 +16,8 @@ import click
 import torch
 
 from .check import check
-from .inspect import describe, render
+from .inspect import describe
+from .render import inspect_text
 from .io.safetensors import save_file
 from .merge import merge_file
 from .planner import LoraSpec
@@ -96,7 +97,7 @@ def run_demo(keep: str | None = None) -> int:
         out = folder / "demo_sd15_merged.safetensors"
         click.echo(f"1. built {base_path.name} (SD1.5 single-file layout) and {lora_path.name} (kohya LoRA) in {folder}")
         click.echo("2. lorakit inspect " + lora_path.name)
-        click.echo(render(describe(str(lora_path))))
+        click.echo(inspect_text(describe(str(lora_path))))
         click.echo(f"3. lorakit merge {base_path.name} {lora_path.name}:0.8:0.5 -o {out.name} --force")
         report = merge_file(base_path, [LoraSpec(str(lora_path), 0.8, 0.5)], out, force=True, progress=False)
         r = report.loras[0]
@@ -111,7 +112,7 @@ def run_demo(keep: str | None = None) -> int:
         click.echo(f"   every changed tensor vs its reference change: {c['ok']} ok, {c['FAIL']} FAIL; untouched tensors "
                    f"bit-identical: {'yes' if not rep['untouched_changed'] else 'no'} -> {rep['result']}")
         click.echo("6. lorakit inspect " + out.name)
-        click.echo(render(describe(str(out))))
+        click.echo(inspect_text(describe(str(out))))
         return 0 if worst <= 1.0 and rep["result"] == "PASS" else 1
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import formats
 from .adapters import select
 from .arch import claim, detect, family_name
+from .formats import peft_alpha
 from .errors import ArchitectureMismatch
 from .io import open_container
 from .lora import load_lora
@@ -72,8 +73,19 @@ def describe(path: str) -> dict:
         "arch": spec.arch if spec else None, "arch_name": spec.name if spec else "unknown",
         "details": spec.details if spec else {},
         "components": {c.label: sum(1 for k in keys if k.startswith(c.prefix)) for c in spec.components} if spec else {},
-        "scaled_fp8": scaled, "metadata_keys": sorted(metadata),
+        "scaled_fp8": scaled, "metadata_keys": sorted(metadata), "provenance": _provenance(metadata),
     }
+
+
+def _provenance(metadata: dict[str, str]) -> object:
+    """The ``lorakit`` entry a merge leaves in its output (None when the file has none)."""
+    raw = metadata.get("lorakit")
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw
 
 
 def _describe_lora(path: str, size: int) -> dict:
@@ -87,10 +99,13 @@ def _describe_lora(path: str, size: int) -> dict:
     ranks: Counter = Counter()
     alphas: Counter = Counter()
     parts: Counter = Counter()
+    words: Counter = Counter()
     per_module = {}
     for module, roles in groups.items():
         invalid = formats.factor_problems(roles, shapes)
-        adapter = None if invalid else select({r: lora.tensors[k] for r, k in roles.items()}, None)[0]
+        rank = int(shapes[roles["down"]][0]) if "down" in roles and shapes[roles["down"]] else 1
+        alpha = peft_alpha(lora.peft, module, rank)
+        adapter = None if invalid else select({r: lora.tensors[k] for r, k in roles.items()}, alpha)[0]
         algo = "invalid" if invalid else (adapter.algo_name if adapter else "unknown")
         algos[algo] += 1
         if adapter is not None and adapter.rank is not None:
@@ -101,35 +116,14 @@ def _describe_lora(path: str, size: int) -> dict:
         comp = owner[0] if owner else None
         part = next((v for p, v in TE_PREFIXES.items() if module.startswith(p)), "unet" if comp == "denoiser" else comp)
         parts[part or "unknown"] += 1
+        words[owner[2] if owner else "unknown"] += 1
         per_module[module] = algo
     return {
         "kind": "lora", "file": path, "bytes": size, "tensors": len(lora.tensors), "sha256": lora.sha256,
         "format": lora.family, "arch": lora.arch, "arch_name": family_name(lora.arch),
         "arch_source": lora.arch_source, "algorithms": dict(algos), "ranks": {str(k): v for k, v in ranks.items()},
-        "alphas": {f"{k:g}": v for k, v in alphas.items()}, "parts": dict(parts),
+        "alphas": {f"{k:g}": v for k, v in alphas.items()}, "parts": dict(parts), "components": dict(words),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in lora.tensors.values())),
         "trigger_words": trigger_words(lora.metadata), "modules": per_module,
         "metadata": {k: v for k, v in lora.metadata.items() if k.startswith(("ss_base", "ss_network", "modelspec."))},
     }
-
-
-def render(info: dict) -> str:
-    lines = [f"{info['file']}: {info['kind']}, {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors"]
-    if info["kind"] == "lora":
-        lines.append(f"  format: {info['format']}; made for: {info['arch_name']} ({info['arch_source']})")
-        lines.append(f"  algorithms (modules): {', '.join(f'{a} ({n})' for a, n in info['algorithms'].items())}")
-        lines.append(f"  ranks: {info['ranks'] or '-'}; alphas: {info['alphas'] or '-'}")
-        lines.append(f"  parts (modules): {', '.join(f'{p} ({n})' for p, n in info['parts'].items())}")
-        lines.append(f"  dtypes: {info['dtypes']}")
-        tw = info["trigger_words"]
-        if tw:
-            for k, v in tw.items():
-                lines.append(f"  {k.replace('_', ' ')}: {', '.join(v) if isinstance(v, list) else v}")
-        else:
-            lines.append("  trigger words: none recorded in the file's metadata")
-    else:
-        lines.append(f"  architecture: {info['arch_name']} {info['details'] or ''}".rstrip())
-        for comp, n in info["components"].items():
-            lines.append(f"  component: {comp} ({n} tensors)")
-        lines.append(f"  dtypes: {info['dtypes']}" + ("; scaled fp8" if info["scaled_fp8"] else ""))
-    return "\n".join(lines)

@@ -33,7 +33,7 @@ from .io import open_container
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
 from .io.stream import PAGE, Reader, Writer, aligned_empty
 from .ops import BACKENDS, update_many_
-from .outputs import TEMP_SUFFIX, check_output, new_file_mode
+from .outputs import TEMP_SUFFIX, check_output, new_file_mode, resolve_out
 from .planner import LoraSpec, Op, Plan, plan_loras
 from .progress import Progress
 from .reports import MergeReport
@@ -194,9 +194,10 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
 
     ``direct_io``: stream past the page cache where the filesystem allows it (``io.stream``);
     the output bytes are the same either way."""
-    base_p, out_p = Path(base), Path(out)
+    base_p = Path(base)
+    out_p, new_folder = resolve_out(out, default_out_name(base_p))
     check_output(out_p, base=base_p, others=[Path(ls.path) for ls in loras], force=force, in_place=in_place,
-                 suffixes=OUT_SUFFIXES)
+                 suffixes=OUT_SUFFIXES, new_folder=new_folder)
     the_plan = plan(base_p, loras, model_only=model_only, allow_unmatched=allow_unmatched,
                     allow_nonfinite=allow_nonfinite)
     dev = resolve_device(device)
@@ -219,6 +220,8 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
         header = build_header([src.infos[k] for k in src.order], metadata, data_start_like=src.data_start,
                               page=PAGE)
         with Reader(src, direct=direct_io) as reader:
+            if new_folder:
+                out_p.parent.mkdir()
             fd, tmp = tempfile.mkstemp(prefix=f".{out_p.name}.", suffix=TEMP_SUFFIX, dir=out_p.parent)
             os.fchmod(fd, new_file_mode(base_p if in_place else None))
             bar = Progress(src.file_size - src.data_start, "merging", enabled=progress)
@@ -240,6 +243,8 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+                if new_folder:
+                    out_p.parent.rmdir()  # made for this merge, empty again
                 if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                     raise OutputError(f"{out_p}: disk full while writing; the partial file was removed, BASE is untouched") from None
                 if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
@@ -251,6 +256,11 @@ def merge_file(base: str | os.PathLike, loras: list[LoraSpec], out: str | os.Pat
                        seed=seed, device=str(dev), fp8_tensors_changed=len(coarse), fp8_saturated=out_of_range.saturated,
                        nonfinite_written=out_of_range.nonfinite,
                        seconds=round(time.monotonic() - t0, 3))
+
+
+def default_out_name(base: Path) -> str:
+    """What a merge into a folder calls its output: ``<base name>_lorakit.safetensors``."""
+    return f"{base.stem}_lorakit.safetensors"
 
 
 def _provenance(src: SafetensorsFile, loras: list[LoraSpec], the_plan: Plan, **options: object) -> dict:

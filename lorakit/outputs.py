@@ -27,17 +27,37 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def is_folder(out: str | os.PathLike) -> bool:
+    """OUT names a folder: it ends with a path separator, or is an existing folder."""
+    text = os.fspath(out)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def resolve_out(out: str | os.PathLike, default_name: str) -> tuple[Path, bool]:
+    """OUT as a file path, and whether its folder is still to be made: a folder (``baked/``) means
+    ``<folder>/<default_name>``; a folder that does not exist yet is made when its parent exists."""
+    if not is_folder(out):
+        return Path(out), False
+    folder = Path(out)
+    if not folder.exists() and not folder.parent.is_dir():
+        raise OutputError(f"{os.fspath(out)}: folder {folder.parent} does not exist (OUT ends with '/': a folder)")
+    return folder / default_name, not folder.exists()
+
+
 def check_output(out: Path, *, base: Path | None, others: Sequence[Path] = (), force: bool,
-                 in_place: bool = False, suffixes: tuple[str, ...] = ()) -> None:
+                 in_place: bool = False, suffixes: tuple[str, ...] = (), new_folder: bool = False) -> None:
     """Refuse, in one line, an OUT that cannot or may not be written; writes nothing.
 
     ``base`` and ``others``: every file the command reads (``--in-place`` lets OUT be ``base``
-    only). ``suffixes``: the file types this command writes."""
+    only). ``suffixes``: the file types this command writes. ``new_folder``: OUT's folder is made
+    just before writing (its parent must be a writable folder)."""
     if not out.name or out.name in (".", ".."):
         raise OutputError(f"{out}: give a file name for OUT")
     if "\0" in str(out):
         raise OutputError(f"{out!r}: OUT contains a NUL byte")
     folder = out.parent
+    if new_folder:
+        folder = folder.parent
     if not folder.is_dir():
         raise OutputError(f"{out}: folder {folder} does not exist")
     name, limit = len(os.fsencode(out.name)), _name_max(folder)

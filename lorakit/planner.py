@@ -13,7 +13,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -142,23 +141,6 @@ def parse_lora_arg(arg: str) -> LoraSpec:
     return LoraSpec(path, values[0], values[1] if len(values) > 1 else None)
 
 
-def _peft_alpha(lora: LoraFile, module: str, rank: int) -> float | None:
-    comp, _, rel = module.partition(".")
-    cfg = lora.peft.get(comp)
-    if not cfg:
-        return None
-    alpha = cfg.get("lora_alpha")
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", rel):
-            alpha = value
-            break
-    if alpha is None:
-        return None
-    if cfg.get("use_rslora"):
-        return float(alpha) * math.sqrt(rank)  # so that alpha/rank == lora_alpha/sqrt(r)
-    return float(alpha)
-
-
 def _view_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
     if target.rows:
         shape = (target.rows[1] - target.rows[0],) + tuple(shape[1:])
@@ -252,7 +234,7 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
         return None
     tensors = {r: lora.tensors[k] for r, k in roles.items()}
     rank = int(tensors["down"].shape[0]) if "down" in tensors else 1
-    adapter, unused, adapter_notes = select(tensors, _peft_alpha(lora, module, rank))
+    adapter, unused, adapter_notes = select(tensors, formats.peft_alpha(lora.peft, module, rank))
     report.notes += [f"{module}: {n}" for n in adapter_notes]
     if adapter is None:
         report.unmatched.append(Unmatched(module, keys, "tensor names of no known adapter: " + ", ".join(sorted(roles))))
@@ -313,7 +295,7 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
 
     Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
     report = LoraReport(lora.path, lora.sha256, lora.family, lora.arch, lora.arch_source, ls.model_strength, ls.clip,
-                        len(lora.tensors))
+                        len(lora.tensors), arch_name=family_name(lora.arch))
     groups, report.unmatched = group_keys(lora, spec)
     skipped: dict[str, tuple[str, list[str]]] = {}
     for module, roles in groups.items():

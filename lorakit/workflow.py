@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import WorkflowError
+from .outputs import is_folder
 from .planner import strength_value
 
 
@@ -272,16 +273,22 @@ def plan_jobs(nodes: dict[str, Node], models_dir: Path, *, node_id: str | None =
     return jobs
 
 
-def assign_outputs(jobs: list[Job], out: Path | None) -> None:
-    """One job: OUT is the file (default ``<base>_lorakit.safetensors`` in the current folder).
-    Several: OUT is a folder and each file is named after its base."""
-    if len(jobs) == 1 and out is not None and not out.is_dir():
-        jobs[0].out = out
+def assign_outputs(jobs: list[Job], out: str | None, *, make_folder: bool) -> None:
+    """One job and OUT a file name: that file. Otherwise OUT is a folder (``baked/``; default: the
+    current folder), made when its parent exists (``make_folder``), and each file is named after its
+    base (``<base>_lorakit.safetensors``)."""
+    if len(jobs) == 1 and out is not None and not is_folder(out):
+        jobs[0].out = Path(out)
         return
-    folder = out if out is not None else Path.cwd()
-    if len(jobs) > 1 and out is not None and not out.is_dir():
+    if out is not None and not is_folder(out):
         raise WorkflowError(f"{out}: the workflow bakes {len(jobs)} files ({', '.join(j.base.name for j in jobs)}); "
-                            "give an existing folder as -o")
+                            "give a folder as -o (a name ending with '/')")
+    folder = Path(out) if out is not None else Path.cwd()
+    if not folder.exists():
+        if not folder.parent.is_dir():
+            raise WorkflowError(f"{out}: folder {folder.parent} does not exist")
+        if make_folder:
+            folder.mkdir()
     names = set()
     for j in jobs:
         name = f"{j.base.stem}_lorakit.safetensors"

@@ -143,13 +143,14 @@ def test_fp8_saturation_is_named(zoo: Path) -> None:
     assert all("clipped at the fp8 limit" in t["reason"] for t in rep["tensors"] if t["status"] == "FAIL")
 
 
-def test_below_resolution_is_reported_not_failed(zoo: Path, tmp_path: Path) -> None:
-    """A weak LoRA merged into fp8 with round-to-nearest mostly vanishes: reported, not a failure."""
+def test_below_resolution_is_inconclusive_not_failed(zoo: Path, tmp_path: Path) -> None:
+    """A weak LoRA merged into fp8 with round-to-nearest vanishes: nothing failed, but nothing can
+    be confirmed either: INCONCLUSIVE, with its own exit status (3), not PASS."""
     base, lora = "base/flux/flux1_tiny_dev_fp8_e4m3fn.safetensors", "flux/flux_aitoolkit_lora.safetensors:0.05"
     out = tmp_path / "merged.safetensors"
     merge(zoo, base, lora, out, "--rounding", "nearest")
     res = cli("check", str(zoo / base), f"{zoo}/{lora}", "--merged", str(out), "--rounding", "nearest")
-    assert res.exit_code == 0, res.output
-    assert "below dtype resolution" in res.output and "PASS" in res.output
-    assert " 0 FAIL" in res.output
+    assert res.exit_code == 3, res.output
+    assert "below dtype resolution" in res.output and "INCONCLUSIVE" in res.output
+    assert " 0 ok" in res.output and " 0 FAIL" in res.output
     assert torch.cuda.is_available() or "model (Flux, fp32)" in res.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from ..errors import ArchitectureMismatch
+from ..formats import looks_like_lora
 from .registry import BY_ID, FAMILIES
 from .spec import KINDS, Alias, BaseSpec, Block, Component, Convention, Family, Kind, Shapes, Target
 
@@ -31,6 +32,9 @@ def detect(shapes: Shapes, name: str = "BASE") -> BaseSpec:
         if prefix is not None:
             hits.append((len(fam.signature.all_of), -order, fam, prefix))
     if not hits:
+        if looks_like_lora(list(shapes)):
+            raise ArchitectureMismatch(f"{name}: is a LoRA, not a checkpoint: BASE and LORA swapped? "
+                                       "(lorakit merge BASE LORA -o OUT)")
         known = ", ".join(f.name.replace("stand-alone ", "") for f in FAMILIES)
         sample = ", ".join(sorted(shapes)[:3])
         raise ArchitectureMismatch(f"{name}: not a checkpoint lorakit knows ({known}); first keys: {sample}")

@@ -102,3 +102,22 @@ def peft_config(metadata: dict[str, str], name: str = "LoRA") -> dict[str, dict]
                     raise refuse(f"{k}: {p[:60]!r} is not a valid pattern") from None
         out.setdefault(comp, {})[field] = v
     return out
+
+
+def peft_alpha(peft: dict[str, dict], module: str, rank: int) -> float | None:
+    """The alpha a PEFT configuration (``peft_config``) gives a module (``unet.…`` / ``transformer.…``):
+    ``alpha_pattern`` first, else ``lora_alpha``; rsLoRA's alpha / sqrt(r) as an equivalent alpha."""
+    comp, _, rel = module.partition(".")
+    cfg = peft.get(comp)
+    if not cfg:
+        return None
+    alpha = cfg.get("lora_alpha")
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", rel):
+            alpha = value
+            break
+    if alpha is None:
+        return None
+    if cfg.get("use_rslora"):
+        return float(alpha) * math.sqrt(rank)  # so that alpha/rank == lora_alpha/sqrt(r)
+    return float(alpha)

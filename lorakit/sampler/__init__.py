@@ -4,6 +4,7 @@ ComfyUI-exact schedules and Euler sampling, and ``sample()`` behind ``lorakit sa
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,26 @@ from .png import save_png, to_rgb
 __all__ = ["sample", "Options", "SampleError"]
 
 
+MAX_STEPS = 10_000
+MAX_SIDE = 16_384
+
+
+def _check_options(opt: Options) -> None:
+    """Every number one line when it is wrong, before any file is read."""
+    if opt.sampler != "euler":
+        raise SampleError(f"sampler {opt.sampler!r} is not implemented; lorakit samples with euler")
+    if isinstance(opt.steps, bool) or not isinstance(opt.steps, int) or not 1 <= opt.steps <= MAX_STEPS:
+        raise SampleError(f"--steps must be a whole number from 1 to {MAX_STEPS}, not {opt.steps!r}")
+    for name, v in (("--cfg", opt.cfg), ("--guidance", opt.guidance)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= 1e4):
+            raise SampleError(f"{name} must be a finite number within +-1e4, not {v!r}")
+    for name, v in (("--width", opt.width), ("--height", opt.height)):
+        if v is not None and not (isinstance(v, int) and 16 <= v <= MAX_SIDE and v % 16 == 0):
+            raise SampleError(f"{name} must be a multiple of 16 from 16 to {MAX_SIDE} pixels, not {v!r}")
+    if not isinstance(opt.seed, int) or not -2 ** 63 <= opt.seed < 2 ** 64:
+        raise SampleError(f"--seed must be a whole number that fits 64 bits, not {opt.seed!r}")
+
+
 def sample(out: str | os.PathLike, opt: Options, *, ckpt: str | None = None, unet: str | None = None,
            clip_l: str | None = None, t5: str | None = None, vae: str | None = None,
            loras: list[LoraSpec] = (), force: bool = False) -> dict:
@@ -27,8 +48,7 @@ def sample(out: str | os.PathLike, opt: Options, *, ckpt: str | None = None, une
     out_p = Path(out)
     inputs = [Path(p) for p in (ckpt, unet, clip_l, t5, vae) if p] + [Path(x.path) for x in loras]
     check_output(out_p, base=None, others=inputs, force=force, suffixes=(".png",))
-    if opt.sampler != "euler":
-        raise SampleError(f"sampler {opt.sampler!r} is not implemented; lorakit samples with euler")
+    _check_options(opt)
     t0 = time.monotonic()
     if ckpt:
         if unet or clip_l or t5 or vae:

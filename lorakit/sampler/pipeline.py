@@ -170,10 +170,23 @@ def _sample(denoise, cond: tuple, uncond: tuple | None, cfg: float, x: torch.Ten
         bar.close()
 
 
+def _vocab_fits(embedding: torch.Tensor | None, tokenizer_size: int, what: str, source: str) -> None:
+    """A text encoder must embed every id its tokenizer produces (tiny test models often do not)."""
+    rows = 0 if embedding is None else embedding.shape[0]
+    if rows < tokenizer_size:
+        raise SampleError(f"{source}: the {what} text encoder has {rows} token embeddings, the {what} tokenizer needs "
+                          f"{tokenizer_size}; this file cannot encode prompts")
+
+
 class SDPipeline:
     def __init__(self, ckpt: str, sd: dict[str, torch.Tensor], arch: str, prefix: str, opt: Options) -> None:
         self.arch, self.opt = arch, opt
         self.tok = ClipTokenizer(find("clip", opt.tokenizers))
+        te = "cond_stage_model.transformer." if arch == "sd15" else "conditioner.embedders.0.transformer."
+        _vocab_fits(sd.get(te + "text_model.embeddings.token_embedding.weight"), self.tok.size, "CLIP-L", ckpt)
+        if arch == "sdxl":
+            _vocab_fits(sd.get("conditioner.embedders.1.model.token_embedding.weight"), self.tok.size,
+                        "OpenCLIP bigG", ckpt)
         dev, dt = opt.device, opt.dtype
         self.unet = _build(UNet, _sub(sd, prefix), dev, dt)
         vae = _sub(sd, "first_stage_model.")
@@ -231,11 +244,16 @@ class FluxPipeline:
     """``parts``: the transformer (BFL names), CLIP-L (``text_model.*``), T5 (``encoder.*``, ``shared``)
     and autoencoder (``encoder.*`` / ``decoder.*``) state dicts, in the compute dtype."""
 
-    def __init__(self, parts: dict[str, dict[str, torch.Tensor]], opt: Options) -> None:
+    def __init__(self, parts: dict[str, dict[str, torch.Tensor]], opt: Options,
+                 sources: dict[str, str] | None = None) -> None:
         self.opt = opt
         dev, dt = opt.device, opt.dtype
         self.tok = ClipTokenizer(find("clip", opt.tokenizers))
         self.t5tok = T5Tokenizer(find("t5", opt.tokenizers))
+        sources = sources or {}
+        _vocab_fits(parts["clip_l"].get("text_model.embeddings.token_embedding.weight"), self.tok.size, "CLIP-L",
+                    sources.get("clip_l", "the CLIP-L file"))
+        _vocab_fits(parts["t5"].get("shared.weight"), self.t5tok.size, "T5-XXL", sources.get("t5", "the T5 file"))
         self.dit = _build(Flux, parts["unet"], dev, dt)
         self.clip_l = _build(CLIPText, _sub(parts["clip_l"], "text_model."), dev, dt, eos_id=self.tok.eos)
         self.t5 = _build(T5Encoder, parts["t5"], dev, dt)
@@ -255,7 +273,7 @@ class FluxPipeline:
                           and not k.startswith(FLUX_EXTRAS)},
                  "clip_l": _read(clip_l, loras, opt.dtype), "t5": _read(t5, loras, opt.dtype),
                  "vae": _compute_weights(_tensors(vae), torch.float32)}
-        return cls(parts, opt)
+        return cls(parts, opt, {"clip_l": clip_l, "t5": t5})
 
     @classmethod
     def from_checkpoint(cls, ckpt: str, sd: dict[str, torch.Tensor], prefix: str, opt: Options) -> FluxPipeline:
@@ -269,7 +287,7 @@ class FluxPipeline:
         if missing:
             raise SampleError(f"{ckpt}: a Flux.1 file without {', '.join(missing)}; give --unet, --clip-l, --t5 "
                               "and --vae instead")
-        return cls(parts, opt)
+        return cls(parts, opt, {"clip_l": ckpt, "t5": ckpt})
 
     def condition(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.opt.device

@@ -115,6 +115,11 @@ def _words(text: str) -> list[str]:
 class ClipTokenizer:
     bos, eos = 49406, 49407
 
+    @property
+    def size(self) -> int:
+        """Token ids this tokenizer can produce (the text encoder needs as many embeddings)."""
+        return max(self.vocab.values(), default=-1) + 1
+
     def __init__(self, folder: Path) -> None:
         self.vocab: dict[str, int] = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").strip().split("\n")
@@ -166,6 +171,11 @@ class T5Tokenizer:
         except ImportError:
             raise TokenizerError("the T5 tokenizer needs the 'tokenizers' package: pip install 'lorakit[sample]'") from None
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    @property
+    def size(self) -> int:
+        """Token ids this tokenizer can produce (the text encoder needs as many embeddings)."""
+        return self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` without the closing </s>."""
