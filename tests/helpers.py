@@ -59,6 +59,28 @@ def case_command(case: dict, zoo: Path, out: Path, *, seed_delta: int = 0, extra
     return args + list(extra)
 
 
+# -- workflows ---------------------------------------------------------------------------------------
+
+def sd15_models_folder(root: Path) -> Path:
+    """A ComfyUI models/ folder with the zoo's SD1.5 base (checkpoints/base.safetensors) and kohya
+    LoRA (loras/lora.safetensors), as copies."""
+    import shutil
+
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "loras").mkdir()
+    shutil.copy(ZOO / "base/sd15/sd15_tiny_single_file.safetensors", root / "checkpoints/base.safetensors")
+    shutil.copy(ZOO / "kohya/sd15_kohya_lora.safetensors", root / "loras/lora.safetensors")
+    return root
+
+
+def lora_graph(lora_name: str, strength: object) -> dict:
+    """An API-format graph: checkpoint -> LoraLoader (node 10) -> KSampler."""
+    return {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "base.safetensors"}},
+            "10": {"class_type": "LoraLoader", "inputs": {"lora_name": lora_name, "strength_model": strength,
+                                                         "strength_clip": 1.0, "model": ["4", 0], "clip": ["4", 1]}},
+            "3": {"class_type": "KSampler", "inputs": {"model": ["10", 0]}}}
+
+
 # -- kernel fixtures ---------------------------------------------------------------------------------
 
 def grid(g: torch.Generator, *shape: int, dtype=torch.float16, q: int = 64) -> torch.Tensor:

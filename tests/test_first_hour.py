@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lorakit.io.safetensors import save_file
 from tests.conftest import ZOO
-from tests.helpers import cli
+from tests.helpers import cli, lora_graph, sd15_models_folder
 
 SD15 = ZOO / "base/sd15/sd15_tiny_single_file.safetensors"
 KOHYA = ZOO / "kohya/sd15_kohya_lora.safetensors"
@@ -82,19 +82,12 @@ def test_a_failed_merge_removes_the_folder_it_made(tmp_path: Path) -> None:
 
 
 def test_workflow_out_folder_is_made(tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    (models / "loras").mkdir()
-    shutil.copy(SD15, models / "checkpoints/sd15.safetensors")
-    shutil.copy(KOHYA, models / "loras/lora.safetensors")
+    models = sd15_models_folder(tmp_path / "models")
     wf = tmp_path / "wf.json"
-    wf.write_text(json.dumps({
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
-        "10": {"class_type": "LoraLoader", "inputs": {"lora_name": "lora.safetensors", "strength_model": 1.0,
-                                                     "strength_clip": 1.0, "model": ["4", 0], "clip": ["4", 1]}}}))
+    wf.write_text(json.dumps(lora_graph("lora.safetensors", 1.0)))
     res = cli("merge", "--workflow", wf, "--models-dir", models, "-o", f"{tmp_path / 'baked'}/")
     assert res.exit_code == 0, res.output
-    assert [p.name for p in (tmp_path / "baked").iterdir()] == ["sd15_lorakit.safetensors"]
+    assert [p.name for p in (tmp_path / "baked").iterdir()] == ["base_lorakit.safetensors"]
 
 
 def test_sample_on_a_tiny_text_encoder_says_why(tmp_path: Path) -> None:

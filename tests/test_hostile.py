@@ -21,7 +21,7 @@ from lorakit.errors import LorakitError, UsageError
 from lorakit.io.safetensors import SafetensorsFile, save_file
 from lorakit.planner import LoraSpec, parse_lora_arg
 from tests.conftest import ZOO
-from tests.helpers import cli
+from tests.helpers import cli, lora_graph, sd15_models_folder
 
 SD15 = ZOO / "base/sd15/sd15_tiny_single_file.safetensors"
 KOHYA = ZOO / "kohya/sd15_kohya_lora.safetensors"
@@ -122,21 +122,9 @@ def test_cli_bad_strength_is_one_line(work: Path) -> None:
                      code=2)
 
 
-def _graph(lora_name: str, strength: object) -> dict:
-    return {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "base.safetensors"}},
-            "10": {"class_type": "LoraLoader", "inputs": {"lora_name": lora_name, "strength_model": strength,
-                                                         "strength_clip": 1.0, "model": ["4", 0], "clip": ["4", 1]}},
-            "3": {"class_type": "KSampler", "inputs": {"model": ["10", 0]}}}
-
-
 @pytest.fixture
 def models(work: Path) -> Path:
-    root = work / "input_models"
-    (root / "checkpoints").mkdir(parents=True)
-    (root / "loras").mkdir()
-    shutil.copy(SD15, root / "checkpoints/base.safetensors")
-    shutil.copy(KOHYA, root / "loras/lora.safetensors")
-    return root
+    return sd15_models_folder(work / "input_models")
 
 
 def _bake(work: Path, models: Path, graph: dict):
@@ -150,13 +138,13 @@ def _bake(work: Path, models: Path, graph: dict):
 @pytest.mark.parametrize("strength", ["nan", "inf", None, [0.5], 1e300, True, "-Infinity"])
 def test_workflow_strengths_must_be_finite(work: Path, models: Path, strength: object) -> None:
     before = state(*models.rglob("*.safetensors"))
-    res, out = _bake(work, models, _graph("lora.safetensors", strength))
+    res, out = _bake(work, models, lora_graph("lora.safetensors", strength))
     one_line_failure(res, out, "node 10 (LoraLoader) strength_model")
     assert state(*models.rglob("*.safetensors")) == before
 
 
 def test_workflow_numeric_string_strength_works(work: Path, models: Path) -> None:
-    res, out = _bake(work, models, _graph("lora.safetensors", "0.5"))
+    res, out = _bake(work, models, lora_graph("lora.safetensors", "0.5"))
     assert res.exit_code == 0, res.output
     assert len(list(out.iterdir())) == 1
 
@@ -172,7 +160,7 @@ def test_workflow_names_stay_in_the_models_folder(work: Path, models: Path, name
     outside = work / "outside"
     outside.mkdir()
     shutil.copy(KOHYA, outside / "evil.safetensors")
-    res, out = _bake(work, models, _graph(name, 1.0))
+    res, out = _bake(work, models, lora_graph(name, 1.0))
     one_line_failure(res, out, "node 10 (LoraLoader)", needle)
 
 
