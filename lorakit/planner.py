@@ -166,12 +166,23 @@ def _fits(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
         return f"the factors do not combine ({str(e).splitlines()[0][:120]})"
 
 
-def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> None:
-    if spec.family.own_loras and lora.arch is not None and lora.arch != spec.arch:
-        made_for = family_name(lora.arch)
-        raise ArchitectureMismatch(
-            f"{lora.path}: this LoRA is for {made_for} ({lora.arch_source}), "
-            f"but BASE {base_name} is {spec.name}; use a {spec.name} LoRA or a {made_for} base")
+MOSTLY = 0.5  # a LoRA whose modules mostly are BASE's applies, whatever its names suggested
+
+
+def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> str | None:
+    """Refuse a LoRA made for another family; returns a note when the family its names suggested
+    is wrong (most of its modules are BASE's own: names shared by several families)."""
+    if not spec.family.own_loras or lora.arch is None or lora.arch == spec.family.id:
+        return None
+    made_for = family_name(lora.arch)
+    modules = {formats.split_key(k, lambda m: spec.lookup(m) is not None)[0] for k in lora.tensors}
+    found = sum(spec.lookup(m) is not None for m in modules)
+    if modules and found >= MOSTLY * len(modules):
+        return (f"{lora.name}: its names suggested {made_for} ({lora.arch_source}), but {found} of its "
+                f"{len(modules)} modules are {spec.name}'s: applied as a {spec.name} LoRA")
+    raise ArchitectureMismatch(
+        f"{lora.path}: this LoRA is for {made_for} ({lora.arch_source}), "
+        f"but BASE {base_name} is {spec.name}; use a {spec.name} LoRA or a {made_for} base")
 
 
 # -- one LoRA in three steps ---------------------------------------------------------------------
@@ -321,7 +332,9 @@ def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, l
                             "apart from metadata")
     for i, ls in enumerate(loras):
         lora = load_lora(ls.path)
-        check_compatible(lora, spec, base_name)
+        note = check_compatible(lora, spec, base_name)
+        if note:
+            result.notes.append(note)
         entry = plan_lora(lora, ls, i, spec, shapes, dtypes, model_only=model_only, allow_nonfinite=allow_nonfinite,
                           ops=result.ops, keep_zero=keep_zero)
         if entry.unmatched and not allow_unmatched:

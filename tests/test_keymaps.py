@@ -16,12 +16,18 @@ from lorakit.arch import detect
 from tests.conftest import MANIFESTS
 
 GOLDEN = Path(__file__).parent / "golden"
-ARCHS = {
+ARCHS = {  # detected architecture id -> the real file's manifest
     "sd15": "sd15_v1-5-pruned-emaonly.json",
     "sdxl": "sdxl_base_1.0.json",
     "flux": "flux1-dev.json",
     "clip_l": "clip_l.json",
     "t5xxl": "t5xxl.json",
+    "wan2.1-t2v-14b": "wan2.1_t2v_14b.json",
+    "wan2.1-t2v-1.3b": "wan2.1_t2v_1.3b.json",
+    "wan2.1-i2v-14b": "wan2.1_i2v_14b.json",
+    "wan2.2-ti2v-5b": "wan2.2_ti2v_5b.json",
+    "wan2.2-i2v-a14b": "wan2.2_i2v_a14b.json",
+    "qwen-image": "qwen_image.json",
 }
 
 
@@ -42,16 +48,24 @@ def expanded(arch: str) -> dict[str, list[str]]:
 
 def targetable(arch: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """Tensors a LoRA may address: every weight matrix / conv kernel of the U-Net/DiT and text encoders
-    (not the VAE), and Flux's q/k norm scales (replaced by BFL control LoRAs)."""
+    (not the VAE), Flux's q/k norm scales (replaced by BFL control LoRAs), and bare parameters
+    (Wan's 3-D ``modulation``: lightx2v files carry full diffs of them)."""
     keys = []
     for k, s in shapes.items():
         if k.startswith("first_stage_model.") or k.startswith("model_ema.") or "position_ids" in k:
             continue
         if arch in ("sd15", "sdxl") and not k.startswith(("model.diffusion_model.", "cond_stage_model.", "conditioner.")):
             continue
-        if (k.endswith("weight") and len(s) >= 2) or k.endswith("_norm.scale") or k.endswith("text_projection"):
+        leaf = k.rpartition(".")[2]
+        bare = arch.startswith("wan") and leaf not in ("weight", "bias", "scale")
+        if (k.endswith("weight") and len(s) >= 2) or k.endswith("_norm.scale") or k.endswith("text_projection") or bare:
             keys.append(k)
     return keys
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_manifest_is_detected_precisely(arch: str, manifests: Path) -> None:
+    assert detect(shapes_of(arch)).arch == arch
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -105,6 +119,17 @@ def test_every_targetable_key_is_reachable(arch: str, manifests: Path) -> None:
     ("flux", "transformer.norm_out.linear", "final_layer.adaLN_modulation.1.weight (swap_halves)"),
     ("flux", "single_blocks.5.processor.qkv_lora", "single_blocks.5.linear1.weight[0:9216]"),
     ("t5xxl", "lora_te3_encoder_block_23_layer_1_DenseReluDense_wi_1", "encoder.block.23.layer.1.DenseReluDense.wi_1.weight"),
+    ("wan2.1-t2v-14b", "lora_unet_blocks_39_cross_attn_o", "blocks.39.cross_attn.o.weight"),
+    ("wan2.1-t2v-14b", "transformer.blocks.7.attn1.to_out.0", "blocks.7.self_attn.o.weight"),
+    ("wan2.1-t2v-14b", "transformer.blocks.7.norm2", "blocks.7.norm3.weight"),
+    ("wan2.1-t2v-14b", "diffusion_model.blocks.3.modulation", "blocks.3.modulation"),
+    ("wan2.1-t2v-14b", "transformer.condition_embedder.time_proj", "time_projection.1.weight"),
+    ("wan2.1-i2v-14b", "transformer.blocks.0.attn2.add_k_proj", "blocks.0.cross_attn.k_img.weight"),
+    ("wan2.1-i2v-14b", "transformer.condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3.weight"),
+    ("wan2.2-ti2v-5b", "blocks.29.ffn.0", "blocks.29.ffn.0.weight"),
+    ("qwen-image", "lora_unet_transformer_blocks_59_img_mlp_net_0_proj", "transformer_blocks.59.img_mlp.net.0.proj.weight"),
+    ("qwen-image", "lycoris_transformer_blocks_0_txt_mod_1", "transformer_blocks.0.txt_mod.1.weight"),
+    ("qwen-image", "transformer.norm_out.linear", "norm_out.linear.weight"),
 ])
 def test_known_names(arch: str, alias: str, target: str, manifests: Path) -> None:
     hit = detect(shapes_of(arch)).lookup(alias)

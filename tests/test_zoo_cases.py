@@ -11,9 +11,12 @@ from tests.golden_compare import digests, verify
 from tests.helpers import case_command, cli, load_cases
 
 CASES = load_cases("cases.json")
+# the newer families' cases (../shared/zoo/cases-next.json), for the families lorakit reads
+NEXT_FAMILIES = ("next_wan", "next_qwen")
+NEXT = [c for c in load_cases("cases-next.json") if c["id"].startswith(NEXT_FAMILIES)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+@pytest.mark.parametrize("case", CASES + NEXT, ids=[c["id"] for c in CASES + NEXT])
 def test_case(case: dict, zoo: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -24,8 +24,10 @@ class Adapter:
     algo = "?"
     required: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
-    # roles every algorithm may carry besides its own factors
-    common = frozenset({"alpha", "dora_scale"})
+    # roles every algorithm may carry besides its own factors: alpha, DoRA's magnitude, and a full
+    # change of the module's bias (lightx2v files pair a LoRA on the weight with a diff_b, which
+    # ComfyUI applies as a patch of its own)
+    common = frozenset({"alpha", "dora_scale", "diff_b"})
 
     def __init__(self, factors: dict[str, torch.Tensor], default_alpha: float | None = None) -> None:
         self.factors = factors  # role -> tensor, as the file stores them
@@ -57,7 +59,9 @@ class Adapter:
         return None
 
     def bias_delta(self) -> torch.Tensor | None:
-        return None
+        """The change of the module's bias (strength applies, alpha does not), or None."""
+        b = self.factors.get("diff_b")
+        return None if b is None else b.float()
 
     @property
     def changes_weight(self) -> bool:

@@ -10,11 +10,13 @@ from .base import Adapter
 
 class Full(Adapter):
     algo = "full"
-    optional = frozenset({"diff", "diff_b"})
+    optional = frozenset({"diff"})
 
     @classmethod
     def matches(cls, roles: dict[str, torch.Tensor]) -> bool:
-        return "diff" in roles or "diff_b" in roles
+        # a diff_b alone is a full change of the bias; beside another algorithm's factors it is
+        # that algorithm's bias change (a common role)
+        return "diff" in roles or ("diff_b" in roles and set(roles) <= cls.common)
 
     @property
     def changes_weight(self) -> bool:
@@ -28,11 +30,6 @@ class Full(Adapter):
         if d is not None and (d.numel() != torch.Size(shape).numel() or d.dim() == 0 or d.shape[0] != shape[0]):
             return f"diff {tuple(d.shape)} does not match target {shape}"
         return None
-
-    def bias_delta(self) -> torch.Tensor | None:
-        b = self.factors.get("diff_b")
-        return None if b is None else b.float()
-
 
 class Set(Adapter):
     """Replace the tensor with the stored value; strength does not apply (as ComfyUI)."""

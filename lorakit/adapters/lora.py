@@ -79,5 +79,6 @@ class LoRA(Adapter):
         return None
 
     def bias_delta(self) -> torch.Tensor | None:
-        b = self.factors.get("up_bias")
-        return None if b is None else b.float()
+        """BFL wrappers' ``lora_B.bias`` and / or a ``diff_b`` (each a patch of its own in ComfyUI)."""
+        parts = [self.factors[r].float() for r in ("up_bias", "diff_b") if r in self.factors]
+        return sum(parts[1:], parts[0]) if parts else None

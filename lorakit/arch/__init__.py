@@ -46,7 +46,7 @@ def detect(shapes: Shapes, name: str = "BASE") -> BaseSpec:
         if p is not None:
             components.append(slot.component(shapes, p))
     details = {"prefix": prefix, **(fam.details(shapes, prefix) if fam.details else {})}
-    return BaseSpec(fam, components, details)
+    return BaseSpec(fam, components, details, fam.variant(shapes, prefix) if fam.variant else None)
 
 
 def lora_family(keys: list[str], metadata: dict[str, str]) -> tuple[str | None, str]:

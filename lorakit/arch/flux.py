@@ -112,8 +112,9 @@ FLUX1 = Family(
            clip_l_slot("text_encoders.clip_l.transformer."), t5_slot("text_encoders.t5xxl.transformer."),
            vae_slot("vae.")),
     signature=Signature(("double_blocks.0.img_attn.qkv.weight",)),
-    lora_signals=(r"double_blocks|single_blocks|single_transformer_blocks|transformer\.transformer_blocks|"
-                  r"lycoris_transformer_blocks|lora_transformer_|lora_te3_|x_embedder",),
+    lora_signals=(r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks[._]\d+[._]"
+                  r"(ff_context|norm1_context|norm1[._]linear|ff[._]net)|lora_transformer_|lora_te3_|x_embedder|"
+                  r"context_embedder",),
     metadata=("flux1",), modelspec=("flux-1",),
     details=details,
     diffusers=View("diffusers FluxTransformer2DModel", Signature(("transformer_blocks.0.attn.to_q.weight",

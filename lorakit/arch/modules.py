@@ -26,7 +26,8 @@ Fused = dict[str, tuple[str, ...]]  # native module template -> row part size na
 class Row:
     """``name`` (in the table's space) is ``native``, or its row ``part`` (an index, or a half-open
     range of part indices) of a fused native module; ``transform`` re-lays the rows out;
-    ``leaf``: the native parameter's name when it is not ``weight`` (BFL RMSNorm ``scale``)."""
+    ``leaf``: the native parameter's name when it is not ``weight`` (BFL RMSNorm ``scale``), or
+    ``""`` for a bare parameter (Wan's ``blocks.N.modulation``: the key is the name itself)."""
 
     name: str
     native: str
@@ -62,17 +63,24 @@ def fused_sizes(fused: Fused, module: str, dims: dict[str, int]) -> tuple[int, .
     return None
 
 
+MODULE_LEAVES = ("weight", "bias", "scale")  # a parameter named otherwise is a bare parameter
+
+
 def native_space(shapes: Shapes, prefix: str, leaves: tuple[str, ...], fused: Fused,
-                 dims: dict[str, int]) -> dict[str, Target]:
+                 dims: dict[str, int], bare: bool = False) -> dict[str, Target]:
     """Every native module of a component (its parameters named by ``leaves``) as a target of
-    the whole tensor; fused ones know their part sizes (kohya split_qkv files)."""
+    the whole tensor; with ``bare``, every bare parameter (Wan's ``modulation``) too, under its
+    own name. Fused modules know their part sizes (kohya split_qkv files)."""
     out: dict[str, Target] = {}
     for key in sorted(shapes):
         if not key.startswith(prefix):
             continue
-        module, _, leaf = key[len(prefix):].rpartition(".")
+        path = key[len(prefix):]
+        module, _, leaf = path.rpartition(".")
         if leaf in leaves and module:
             out.setdefault(module, Target(key, splits=fused_sizes(fused, module, dims)))
+        elif bare and leaf not in MODULE_LEAVES:
+            out.setdefault(path, Target(key))
     return out
 
 
@@ -83,6 +91,7 @@ def expand(table: Table, shapes: Shapes, prefix: str, fused: Fused, dims: dict[s
         if key.startswith(prefix):
             module, _, leaf = key[len(prefix):].rpartition(".")
             modules.setdefault(module, set()).add(leaf)
+            modules.setdefault(key[len(prefix):], set()).add("")  # as a bare parameter
     out: dict[str, Target] = {}
     for row in table.rows:
         rx = _pattern(row.native)
@@ -94,7 +103,8 @@ def expand(table: Table, shapes: Shapes, prefix: str, fused: Fused, dims: dict[s
             if row.part is not None:
                 sizes = fused_sizes(fused, module, dims)
                 rows = _part_rows(row.part, sizes)
-            out[_fill(row.name, m)] = Target(f"{prefix}{module}.{row.leaf}", rows, row.transform)
+            key = f"{prefix}{module}.{row.leaf}" if row.leaf else f"{prefix}{module}"
+            out[_fill(row.name, m)] = Target(key, rows, row.transform)
     return out
 
 
@@ -118,6 +128,12 @@ def view(table: Table, shapes: Shapes, name: str) -> Layout:
         modules.setdefault(module, []).append(leaf)
     for row in table.rows:
         rx = _pattern(row.name)
+        if not row.leaf:  # a bare parameter: the key is the name
+            for key in shapes:
+                m = rx.match(key)
+                if m is not None:
+                    parts.setdefault(_fill(row.native, m), []).append((0, key, row))
+            continue
         for module, leaves in modules.items():
             m = rx.match(module)
             if m is None:

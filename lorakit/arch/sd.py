@@ -189,7 +189,8 @@ SDXL = Family(
     slots=(UNET, clip_l_slot("conditioner.embedders.0.transformer."), clip_g_slot("conditioner.embedders.1.model."),
            vae_slot("first_stage_model.")),
     signature=Signature(("input_blocks.0.0.weight", "label_emb.0.0.weight")),
-    lora_signals=(r"lora_te2_|text_encoder_2\.|transformer_blocks[._][1-9]|label_emb|add_embedding",),
+    lora_signals=(r"lora_te2_|text_encoder_2\.|attentions[._]\d+[._]transformer_blocks[._][1-9]|label_emb|"
+                  r"add_embedding",),
     metadata=("sdxl_base_v1-0", "sdxl_1.0"), modelspec=("stable-diffusion-xl",),
     diffusers=DIFFUSERS_VIEW,
 )

@@ -203,7 +203,8 @@ class Family:
     ``lora_signals``: regexes whose matches among a LoRA's keys count for this family;
     ``metadata``: ``ss_base_model_version`` values, ``modelspec``: ``modelspec.architecture``
     prefixes that name it. ``own_loras``: LoRAs must be made for this family (stand-alone text
-    encoders take any). ``details(shapes, prefix)``: sizes read from the file, for reports.
+    encoders take any). ``details(shapes, prefix)``: sizes read from the file, for reports;
+    ``variant(shapes, prefix)``: the precise architecture (``wan2.1-i2v-14b``) when a family has several.
     ``diffusers``: the diffusers view (``arch.diffusers.View``) when diffusers has a layout for it."""
 
     id: str
@@ -215,6 +216,7 @@ class Family:
     modelspec: tuple[str, ...] = ()
     own_loras: bool = True
     details: Callable[[Shapes, str], dict] | None = None
+    variant: Callable[[Shapes, str], "tuple[str, str]"] | None = None  # (precise id, name) read from the file
     diffusers: object = None
 
     def signals(self) -> list[re.Pattern]:
@@ -223,19 +225,22 @@ class Family:
 
 @dataclass
 class BaseSpec:
-    """A base file as lorakit sees it: its family, the components present, sizes for reports."""
+    """A base file as lorakit sees it: its family (and precise variant), the components present,
+    sizes for reports."""
 
     family: Family
     components: list[Component]
     details: dict[str, object] = field(default_factory=dict)
+    variant: tuple[str, str] | None = None  # (id, name), when the family tells variants apart
 
     @property
     def arch(self) -> str:
-        return self.family.id
+        """The precise architecture id (``sd15``, ``wan2.1-t2v-14b``)."""
+        return self.variant[0] if self.variant else self.family.id
 
     @property
     def name(self) -> str:
-        return self.family.name
+        return self.variant[1] if self.variant else self.family.name
 
     def component(self, cid: str) -> Component | None:
         return next((c for c in self.components if c.id == cid), None)
