@@ -2,6 +2,8 @@
 
     python benchmarks/merge_file.py --arch sdxl     # ~6.9 GB fp16, rank-32 LoRA on every attn/ff/proj + both TEs
     python benchmarks/merge_file.py --arch flux     # ~23.8 GB bf16, rank-32 LoRA on all 304 block Linears
+    python benchmarks/merge_file.py --arch wan14b   # ~28.6 GB bf16 Wan 2.1 T2V 14B, every attention / FFN Linear
+    python benchmarks/merge_file.py --arch qwen-image --dtype fp8   # ~20.4 GB, fp8 e4m3fn matrices
 
 Shapes come from the real manifests (../shared/manifests). Data is random (a random block tiled
 over the file, so writing 24 GB does not take an hour of RNG). One run reports, for the same
@@ -34,6 +36,8 @@ MANIFESTS = ROOT.parent / "shared" / "manifests"
 SETS = {
     "sdxl": ("sdxl_base_1.0.json", "F16"),
     "flux": ("flux1-dev.json", "BF16"),
+    "wan14b": ("wan2.1_t2v_14b.json", "BF16"),
+    "qwen-image": ("qwen_image.json", "BF16"),
 }
 SDXL_UNET = re.compile(r"model\.diffusion_model\.(.*(?:transformer_blocks\.\d+\.(?:attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.(?:0\.proj|2))"
                        r"|\w+\.1\.proj_(?:in|out)))\.weight$")
@@ -43,14 +47,21 @@ TE2_NAMES = {"attn.out_proj.weight": ["self_attn_out_proj"], "mlp.c_fc.weight": 
              "attn.in_proj_weight": ["self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj"]}
 FLUX = re.compile(r"((?:double|single)_blocks\.\d+\.(?:img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|img_mlp\.[02]|"
                   r"txt_mlp\.[02]|img_mod\.lin|txt_mod\.lin|linear1|linear2|modulation\.lin))\.weight$")
+# the DiT sets: every block Linear a LoRA trainer targets, kohya-named (lora_unet_ + native name)
+DIT = {
+    "flux": FLUX,
+    "wan14b": re.compile(r"(blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o)|ffn\.[02]))\.weight$"),
+    "qwen-image": re.compile(r"(transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
+                             r"add_v_proj|to_add_out)|(?:img|txt)_mlp\.net\.(?:0\.proj|2)|(?:img|txt)_mod\.1))\.weight$"),
+}
 
 
 def lora_modules(arch: str, manifest: dict) -> dict[str, tuple[int, int]]:
     """kohya module name -> (out, in) for the benchmark's target set."""
     mods: dict[str, tuple[int, int]] = {}
     for key, (shape, _) in manifest.items():
-        if arch == "flux":
-            if (m := FLUX.match(key)):
+        if arch in DIT:
+            if (m := DIT[arch].match(key)):
                 mods["lora_unet_" + m.group(1).replace(".", "_")] = (shape[0], shape[1])
             continue
         if (m := SDXL_UNET.match(key)) and len(shape) >= 2:
@@ -65,22 +76,33 @@ def lora_modules(arch: str, manifest: dict) -> dict[str, tuple[int, int]]:
     return mods
 
 
-def write_base(path: Path, manifest: dict, dtype: str) -> int:
-    """Stream a checkpoint with the manifest's keys; floats in ``dtype``; returns bytes."""
+def stored_dtype(shape: list[int], manifest_dtype: str, dtype: str, fp8: bool) -> str:
+    """Floats in ``dtype``; with ``fp8``, every matrix / kernel in e4m3fn (as the released fp8 files)."""
+    if manifest_dtype not in ("F16", "BF16", "F32"):
+        return manifest_dtype
+    return "F8_E4M3" if fp8 and len(shape) >= 2 else dtype
+
+
+def write_base(path: Path, manifest: dict, dtype: str, fp8: bool = False) -> int:
+    """Stream a checkpoint with the manifest's keys; floats in ``dtype`` (matrices fp8 with ``fp8``);
+    returns bytes."""
     infos, off = [], 0
     for key in sorted(manifest):
         shape, mdt = manifest[key]
-        dt = dtype if mdt in ("F16", "BF16", "F32") else mdt
+        dt = stored_dtype(shape, mdt, dtype, fp8)
         n = 1
         for d in shape:
             n *= d
         infos.append(TensorInfo(key, dt, tuple(shape), off, off + n * DTYPES[dt][1]))
         off += n * DTYPES[dt][1]
     g = torch.Generator().manual_seed(0)
-    block = (torch.randn(16 << 20, generator=g) * 0.02).to(DTYPES[dtype][0]).view(torch.uint8).numpy().tobytes()
+    noise = torch.randn(16 << 20, generator=g) * 0.02
+    blocks = {dt: noise.to(DTYPES[dt][0]).view(torch.uint8).numpy().tobytes() for dt in {i.dtype for i in infos}
+              if DTYPES[dt][0].is_floating_point}
     with open(path, "wb") as fh:
         fh.write(build_header(infos, {"format": "pt"}))
         for i in infos:
+            block = blocks.get(i.dtype, bytes(16 << 20))
             left = i.nbytes
             while left:
                 n = min(left, len(block))
@@ -141,6 +163,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", choices=sorted(SETS), default="sdxl")
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--dtype", choices=["keep", "fp8"], default="keep",
+                    help="fp8: store every matrix as float8_e4m3fn (as the released fp8 files)")
     ap.add_argument("--algo", choices=["lora", "loha", "lokr", "dora"], default="lora",
                     help="adapter algorithm of the synthetic LoRA")
     ap.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "_work")
@@ -153,19 +177,21 @@ def main() -> None:
     args = ap.parse_args()
     fname, dtype = SETS[args.arch]
     manifest = json.loads((args.manifests / fname).read_text())
-    total = sum(torch.Size(s).numel() * DTYPES[dtype if d in ("F16", "BF16", "F32") else d][1] for s, d in manifest.values())
+    fp8 = args.dtype == "fp8"
+    total = sum(torch.Size(s).numel() * DTYPES[stored_dtype(s, d, dtype, fp8)][1] for s, d in manifest.values())
     need = 2 * total + (1 << 30)
     args.workdir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.workdir).free
     if free < need:
         raise SystemExit(f"not enough disk in {args.workdir}: need {need / 1e9:.1f} GB (base + output), have {free / 1e9:.1f} GB")
-    base, copy, out, lora = (args.workdir / f"{args.arch}_{n}" for n in ("base.safetensors", "copy.safetensors",
-                                                                        "merged.safetensors", f"{args.algo}.safetensors"))
+    tag = args.arch + ("_fp8" if fp8 else "")
+    base, copy, out, lora = (args.workdir / f"{tag}_{n}" for n in ("base.safetensors", "copy.safetensors",
+                                                                  "merged.safetensors", f"{args.algo}.safetensors"))
     try:
         mods = lora_modules(args.arch, manifest)
         if not (args.keep and base.exists()):
-            print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({dtype}) ...", flush=True)
-            write_base(base, manifest, dtype)
+            print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({'fp8' if fp8 else dtype}) ...", flush=True)
+            write_base(base, manifest, dtype, fp8)
         if not (args.keep and lora.exists()):
             write_lora(lora, mods, args.rank, args.algo)
         size = base.stat().st_size
@@ -204,7 +230,7 @@ def main() -> None:
                 out.unlink()
         med = statistics.median
         res = {
-            "arch": args.arch, "dtype": dtype, "file_bytes": size, "algo": args.algo, "lora_modules": len(mods),
+            "arch": args.arch, "dtype": "F8_E4M3 matrices" if fp8 else dtype, "file_bytes": size, "algo": args.algo, "lora_modules": len(mods),
             "rank": args.rank,
             "runs": args.repeat, "cp_s": round(med(cps), 2), "cp_plus_sync_s": round(med(syncs), 2),
             "merge_s": round(med(merges), 2), "merge_over_cp": round(med(merges) / med(cps), 3),

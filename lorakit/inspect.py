@@ -55,6 +55,23 @@ def trigger_words(metadata: dict[str, str], limit: int = 10) -> dict:
     return out
 
 
+# Wan 2.2 A14B LoRAs come as HIGH / LOW pairs; the weights cannot tell which expert one is for
+EXPERT = re.compile(r"(?i)(?:^|[^a-z])(high|low)(?:[^a-z]|noise|$)")
+
+
+def expert_hints(path: str, metadata: dict[str, str]) -> list[str]:
+    """Which Wan 2.2 A14B expert (high- or low-noise) a file's name or metadata says it is for."""
+    hints = []
+    m = EXPERT.search(Path(path).stem)
+    if m:
+        hints.append(f"{m.group(1).lower()}-noise expert (from the file name)")
+    for k, v in metadata.items():
+        m = EXPERT.search(v) if isinstance(v, str) and len(v) < 200 else None
+        if m and "noise" in (k + v).lower():
+            hints.append(f"{m.group(1).lower()}-noise expert (metadata {k})")
+    return hints
+
+
 def describe(path: str) -> dict:
     with open_container(path) as f:
         keys, size = f.keys(), os.path.getsize(path)
@@ -124,6 +141,6 @@ def _describe_lora(path: str, size: int) -> dict:
         "arch_source": lora.arch_source, "algorithms": dict(algos), "ranks": {str(k): v for k, v in ranks.items()},
         "alphas": {f"{k:g}": v for k, v in alphas.items()}, "parts": dict(parts), "components": dict(words),
         "dtypes": dict(Counter(str(t.dtype).replace("torch.", "") for t in lora.tensors.values())),
-        "trigger_words": trigger_words(lora.metadata), "modules": per_module,
+        "trigger_words": trigger_words(lora.metadata), "modules": per_module, "hints": expert_hints(path, lora.metadata),
         "metadata": {k: v for k, v in lora.metadata.items() if k.startswith(("ss_base", "ss_network", "modelspec."))},
     }

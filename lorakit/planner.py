@@ -166,23 +166,29 @@ def _fits(adapter: Adapter, shape: tuple[int, ...]) -> str | None:
         return f"the factors do not combine ({str(e).splitlines()[0][:120]})"
 
 
-MOSTLY = 0.5  # a LoRA whose modules mostly are BASE's applies, whatever its names suggested
-
-
 def check_compatible(lora: LoraFile, spec: BaseSpec, base_name: str) -> str | None:
-    """Refuse a LoRA made for another family; returns a note when the family its names suggested
-    is wrong (most of its modules are BASE's own: names shared by several families)."""
+    """Refuse a LoRA made for another family, naming both and a module BASE lacks; returns a note
+    when the family its names suggested is wrong after all (every module is BASE's own: names
+    several families share)."""
     if not spec.family.own_loras or lora.arch is None or lora.arch == spec.family.id:
         return None
     made_for = family_name(lora.arch)
-    modules = {formats.split_key(k, lambda m: spec.lookup(m) is not None)[0] for k in lora.tensors}
-    found = sum(spec.lookup(m) is not None for m in modules)
-    if modules and found >= MOSTLY * len(modules):
-        return (f"{lora.name}: its names suggested {made_for} ({lora.arch_source}), but {found} of its "
+    modules = sorted({formats.split_key(k, lambda m: spec.lookup(m) is not None)[0] for k in lora.tensors})
+    missing = [m for m in modules if spec.lookup(m) is None]
+    if modules and not missing:
+        return (f"{lora.name}: its names suggested {made_for} ({lora.arch_source}), but all of its "
                 f"{len(modules)} modules are {spec.name}'s: applied as a {spec.name} LoRA")
     raise ArchitectureMismatch(
-        f"{lora.path}: this LoRA is for {made_for} ({lora.arch_source}), "
-        f"but BASE {base_name} is {spec.name}; use a {spec.name} LoRA or a {made_for} base")
+        f"{lora.path}: this LoRA is for {made_for} ({lora.arch_source}), but BASE {base_name} is {spec.name} "
+        f"({missing[0]} has no tensor there); use a {spec.name} LoRA or a {made_for} base")
+
+
+def _lora_width(lora: LoraFile) -> int | None:
+    """The width a LoRA was trained at: the most common row count of its up factors (attention
+    projections are width x width)."""
+    rows = [int(t.shape[0]) for k, t in lora.tensors.items() if formats.split_key(k, lambda m: False)[1] == "up"
+            and t.dim() >= 2]
+    return max(set(rows), key=rows.count) if rows else None
 
 
 # -- one LoRA in three steps ---------------------------------------------------------------------
@@ -306,7 +312,7 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
 
     Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
     report = LoraReport(lora.path, lora.sha256, lora.family, lora.arch, lora.arch_source, ls.model_strength, ls.clip,
-                        len(lora.tensors), arch_name=family_name(lora.arch))
+                        len(lora.tensors), arch_name=family_name(lora.arch), width=_lora_width(lora))
     groups, report.unmatched = group_keys(lora, spec)
     skipped: dict[str, tuple[str, list[str]]] = {}
     for module, roles in groups.items():
@@ -349,7 +355,9 @@ def unmatched_error(report: LoraReport, base_name: str, spec: BaseSpec) -> Unmat
     first = u[0]
     near = f"; nearest: {'; '.join(first.nearest)}" if first.nearest else ""
     if not report.matched and all(e.reason.startswith("shape mismatch") for e in u):
-        near += "; every module has the wrong shape: the LoRA was made for a model of another size"
+        size = f" (its factors are {report.width} wide" + (f": {spec.family.widths[report.width]}"
+                                                           if report.width in spec.family.widths else "") + ")"
+        near += f"; every module has the wrong shape: the LoRA was made for a model of another size{size}"
     msg = (f"{report.file}: {len(keys)} key(s) address no tensor of BASE {base_name} ({spec.name}): "
            f"{', '.join(keys[:3])}{' (+%d more)' % (len(keys) - 3) if len(keys) > 3 else ''} "
            f"[{first.reason}]{near}. Nothing was written; --allow-unmatched applies the rest, "

@@ -61,6 +61,7 @@ class LoraReport:
     unmatched: list[Unmatched] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     arch_name: str = "unknown"
+    width: int | None = None  # rows of its up factors, most often (the model width it was made for)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -74,7 +75,7 @@ class LoraReport:
     def to_json(self) -> dict:
         return {
             "file": self.file, "sha256": self.sha256, "format": self.format, "arch": self.arch,
-            "arch_name": self.arch_name, "arch_source": self.arch_source, "model_strength": self.model_strength,
+            "arch_name": self.arch_name, "arch_source": self.arch_source, "width": self.width, "model_strength": self.model_strength,
             "clip_strength": self.clip_strength, "tensors": self.tensors, "counts": self.counts,
             "skipped_components": self.skipped_components, "matched": [m.to_json() for m in self.matched],
             "skipped": [asdict(s) for s in self.skipped], "unmatched": [u.to_json() for u in self.unmatched],

@@ -224,6 +224,10 @@ def _strength(node: Node, key: str) -> float:
 
 
 def plan_jobs(nodes: dict[str, Node], models_dir: Path, *, node_id: str | None = None) -> list[Job]:
+    """The merge jobs of a workflow: one per base file its LoRA chains end in. Several chains are
+    baked together when each starts from its own model loader (Wan 2.2 A14B: a high-noise and a
+    low-noise UNETLoader, each with its LoRAs); chains that share a loader are alternatives, and
+    ``--node`` picks one."""
     loras = [n for n in nodes.values() if n.type in LORA_NODES and n.active]
     if not loras:
         raise WorkflowError("the workflow has no active LoraLoader / LoraLoaderModelOnly node")
@@ -234,16 +238,29 @@ def plan_jobs(nodes: dict[str, Node], models_dir: Path, *, node_id: str | None =
         src = _source(nodes, (lora.id, 0), "MODEL", path)
         chains[lora.id] = (src, list(reversed(path)))  # loader first, in application order
         inner.update(n.id for n in path if n.id != lora.id)
-    terminals = [nid for nid in chains if nid not in inner]
+    terminals = sorted(nid for nid in chains if nid not in inner)
     if node_id is not None:
         if node_id not in chains:
             raise WorkflowError(f"--node {node_id}: not an active LoRA loader node (these are: {', '.join(sorted(chains))})")
         terminals = [node_id]
-    elif len(terminals) > 1:
+    sources = [chains[t][0].id for t in terminals]
+    if len(set(sources)) < len(sources):
         desc = "; ".join(f"node {t} ({len(chains[t][1])} LoRAs from {chains[t][0].type} {chains[t][0].id})"
-                         for t in sorted(terminals))
-        raise WorkflowError(f"the workflow has {len(terminals)} separate LoRA chains ({desc}); choose one with --node ID")
-    source, chain = chains[terminals[0]]
+                         for t in terminals)
+        raise WorkflowError(f"the workflow has {len(terminals)} separate LoRA chains on one model ({desc}); choose one with "
+                            "--node ID")
+    jobs: list[Job] = []
+    for t in terminals:
+        jobs += _chain_jobs(nodes, *chains[t], models_dir)
+    bases = [j.base for j in jobs]
+    if len(set(bases)) < len(bases):
+        raise WorkflowError(f"two LoRA chains bake into the same file ({next(b for b in bases if bases.count(b) > 1)}); "
+                            "choose one with --node ID")
+    return jobs
+
+
+def _chain_jobs(nodes: dict[str, Node], source: Node, chain: list[Node], models_dir: Path) -> list[Job]:
+    """The jobs of one chain: its model file, and the text-encoder files its CLIP strengths go to."""
     lora_files = {n.id: _resolve(n, "lora_name", models_dir) for n in chain}
     jobs: list[Job] = []
     te_loras: dict[str, list[tuple[Node, Node]]] = {}  # CLIP source id -> [(lora node, source)]

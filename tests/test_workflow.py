@@ -20,6 +20,10 @@ FILES = {
     "loras/flux_lora.safetensors": "kohya/flux_kohya_lora_te.safetensors",
     "text_encoders/clip_l.safetensors": "base/flux/clip_l_tiny.safetensors",
     "text_encoders/t5xxl.safetensors": "base/flux/t5xxl_tiny.safetensors",
+    "diffusion_models/wan2.2_i2v_high_noise_14B_fp16.safetensors": "base/wan/wan22_i2v_a14b_tiny.safetensors",
+    "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors": "base/wan/wan22_i2v_a14b_tiny.safetensors",
+    "loras/wan22_HIGH.safetensors": "next/wan/wan22_a14b_aitoolkit.safetensors",
+    "loras/wan22_LOW.safetensors": "next/wan/wan21_t2v_musubi.safetensors",
 }
 
 
@@ -43,6 +47,16 @@ def ui_format(graph: dict) -> dict:
         nodes.append({"id": nid, "type": typ, "mode": mode, "inputs": ins, "outputs": [], "widgets_values": widgets})
     return {"last_node_id": max(graph), "nodes": nodes, "links": links, "version": 0.4}
 
+
+# Wan 2.2 A14B: a high-noise and a low-noise model, each with its LoRA, into two KSamplerAdvanced
+WAN22 = {
+    37: ("UNETLoader", ["wan2.2_i2v_high_noise_14B_fp16.safetensors", "default"], {}, 0),
+    56: ("UNETLoader", ["wan2.2_i2v_low_noise_14B_fp16.safetensors", "default"], {}, 0),
+    91: ("LoraLoaderModelOnly", ["wan22_HIGH.safetensors", 1.0], {"model": (37, 0)}, 0),
+    92: ("LoraLoaderModelOnly", ["wan22_LOW.safetensors", 0.6], {"model": (56, 0)}, 0),
+    57: ("KSamplerAdvanced", [], {"model": (91, 0)}, 0),
+    58: ("KSamplerAdvanced", [], {"model": (92, 0)}, 0),
+}
 
 API_FIELDS = {
     "CheckpointLoaderSimple": ["ckpt_name"], "UNETLoader": ["unet_name", "weight_dtype"],
@@ -191,3 +205,16 @@ def test_dry_run_writes_nothing_and_prints_commands(tmp_path: Path, models: Path
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["jobs"][0]["command"].startswith("lorakit merge ") and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", [ui_format, api_format])
+def test_wan22_a14b_two_models_two_loras(tmp_path: Path, models: Path, fmt) -> None:
+    """The usual Wan 2.2 A14B graph: each expert file gets its own LoRA; one output per base."""
+    res, out = bake(tmp_path, models, WAN22, fmt)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["wan2.2_i2v_high_noise_14B_fp16_lorakit.safetensors",
+                                                     "wan2.2_i2v_low_noise_14B_fp16_lorakit.safetensors"]
+    for expert, lora, strength in (("high", "wan22_HIGH", 1.0), ("low", "wan22_LOW", 0.6)):
+        ref = direct(tmp_path, str(models / f"diffusion_models/wan2.2_i2v_{expert}_noise_14B_fp16.safetensors"),
+                     f"{models / 'loras' / lora}.safetensors:{strength:g}:0", "--model-only")
+        assert (out / f"wan2.2_i2v_{expert}_noise_14B_fp16_lorakit.safetensors").read_bytes() == ref.read_bytes()

@@ -117,6 +117,7 @@ FLUX1 = Family(
                   r"context_embedder",),
     metadata=("flux1",), modelspec=("flux-1",),
     details=details,
+    widths={3072: "Flux.1 dev / schnell"},
     diffusers=View("diffusers FluxTransformer2DModel", Signature(("transformer_blocks.0.attn.to_q.weight",
                                                                   "x_embedder.weight")), DIFFUSERS),
 )

@@ -37,4 +37,5 @@ QWEN_IMAGE = Family(
     lora_signals=(r"transformer_blocks[._]\d+[._](img_mod|txt_mod|img_mlp|txt_mlp)", r"(^|[._])txt_norm"),
     modelspec=("qwen-image",),
     details=details,
+    widths={3072: "Qwen-Image 20B"},
 )

@@ -217,6 +217,7 @@ class Family:
     own_loras: bool = True
     details: Callable[[Shapes, str], dict] | None = None
     variant: Callable[[Shapes, str], "tuple[str, str]"] | None = None  # (precise id, name) read from the file
+    widths: dict[int, str] = field(default_factory=dict)  # model width -> the released models of it
     diffusers: object = None
 
     def signals(self) -> list[re.Pattern]:

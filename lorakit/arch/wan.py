@@ -99,6 +99,7 @@ WAN = Family(
                   r"(^|[._])(head[._]head|img_emb[._]proj|time_projection|text_embedding[._][02])"),
     modelspec=("wan",),
     details=details, variant=variant,
+    widths={5120: "Wan 14B", 3072: "Wan 2.2 TI2V 5B", 1536: "Wan 2.1 T2V 1.3B"},
     diffusers=View("diffusers WanTransformer3DModel", Signature(("blocks.0.attn1.to_q.weight", "scale_shift_table",
                                                                 "condition_embedder.time_proj.weight")), DIFFUSERS),
 )
