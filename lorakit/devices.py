@@ -28,3 +28,12 @@ def streaming_threads() -> int:
     spun idle for as long as the merge ran). The CLI applies it; a library call never changes the
     process-wide setting."""
     return max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - 1))
+
+
+def cpu_workers() -> int:
+    """Threads that patch chunks of one tensor at once on the CPU: the cores torch's own threads
+    leave free (the CLI's one compute thread on 2 cores: 2 workers; a library caller's torch
+    using every core: 1, and torch parallelises each product instead). The workers' kernels and
+    products release the GIL."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // torch.get_num_threads())

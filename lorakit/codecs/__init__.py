@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .rounding import FP8_MAX, clipped, round_into
+from . import fp8_cpu
+from .rounding import FP8_MAX, clipped, round_into, salt
 
 Getter = Callable[[str], "torch.Tensor | None"]
 
@@ -43,18 +44,38 @@ class Codec:
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         """fp32 values of ``stored`` (a new tensor)."""
-        v = stored.float()
-        return v * self.scale if self.scale is not None else v
+        return self.decode_into(torch.empty(stored.shape, dtype=torch.float32, device=stored.device), stored)
+
+    def decode_into(self, out: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """``out`` (fp32, ``stored``'s shape) = the values of ``stored``; returns ``out``."""
+        if self.coarse and fp8_cpu.usable(out, stored):
+            return fp8_cpu.decode_(out, stored, self.scale)
+        return self.scale_(out.copy_(stored))
 
     def scale_(self, v: torch.Tensor) -> torch.Tensor:
         """Stored-to-effective scaling of an fp32 copy, in place."""
         return v.mul_(self.scale) if self.scale is not None else v
 
-    def encode_(self, dst: torch.Tensor, value: torch.Tensor, original: torch.Tensor, *, rounding: str, seed: int,
-                key: str, index_offset: int = 0) -> int:
+    def fuses(self, dst: torch.Tensor, rounding: str) -> bool:
+        """Whether ``add_encode_`` can patch ``dst`` in one pass (fp8 on the CPU)."""
+        return self.coarse and rounding in ("nearest", "stochastic") and fp8_cpu.usable(dst)
+
+    def add_encode_(self, dst: torch.Tensor, delta: torch.Tensor, factor: float | None, *, rounding: str, seed: int,
+                    key: str, index_offset: int = 0) -> int:
+        """``encode_(dst, decode(dst) + delta * factor)`` in one pass, bit for bit (``fuses`` must hold)."""
+        return fp8_cpu.add_encode_(dst, delta, factor, stochastic=rounding == "stochastic", salt=salt(seed, key),
+                                   index_offset=index_offset, scale=self.scale)
+
+    def encode_(self, dst: torch.Tensor, value: torch.Tensor, original: torch.Tensor | None, *, rounding: str,
+                seed: int, key: str, index_offset: int = 0) -> int:
         """Write fp32 ``value`` (effective values) into the stored ``dst``; ``original`` is the fp32
-        value before patching (coarse formats keep the old bits where nothing moved). Returns how
-        many elements the format could not hold: saturated fp8 values, inf / NaN elsewhere."""
+        value before patching, None for ``dst``'s own values (coarse formats keep the old bits where
+        nothing moved). Returns how many elements the format could not hold: saturated fp8 values,
+        inf / NaN elsewhere."""
+        if self.coarse and rounding in ("nearest", "stochastic") and fp8_cpu.usable(
+                dst, value, *(() if original is None else (original,))):
+            return fp8_cpu.encode_(dst, value, original, stochastic=rounding == "stochastic",
+                                   salt=salt(seed, key), index_offset=index_offset, scale=self.scale)
         return round_into(dst, value, original, rounding=rounding, seed=seed, key=key, index_offset=index_offset,
                           scale=self.scale)
 

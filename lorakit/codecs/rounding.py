@@ -9,6 +9,8 @@
   The test ``u * (hi - lo) < (x - lo)`` is done in exact arithmetic (u has 24 bits, hi - lo is
   a power of two, x - lo is exact by Sterbenz), so no division rounding can differ either.
 
+A NaN result is stored as the positive NaN pattern 0x7F in every mode.
+
 fp8 elements whose fp32 value did not change keep their original bits (ComfyUI instead re-rounds
 the whole tensor, moving about 0.1 % of untouched fp8 values).
 """
@@ -22,6 +24,7 @@ import torch
 # largest finite value of each fp8 format (results saturate there)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 MASK32 = 0xFFFFFFFF
+NAN_BITS = 0x7F  # every NaN result is stored as this positive NaN pattern (both fp8 formats), in every mode
 
 
 def key_hash(key: str) -> int:
@@ -96,7 +99,7 @@ def count_nonfinite(t: torch.Tensor) -> int:
 def round_into(
     dst: torch.Tensor,
     value: torch.Tensor,
-    original: torch.Tensor,
+    original: torch.Tensor | None,
     *,
     rounding: str = "nearest",
     seed: int = 0,
@@ -106,8 +109,8 @@ def round_into(
 ) -> int:
     """Write fp32 ``value`` into ``dst`` (stored dtype), keeping the bits where value == original.
 
-    ``original`` is the fp32 value before patching; ``scale`` is the per-tensor scale of a
-    scaled-fp8 weight (stored = value / scale). ``index_offset`` is the flat index of
+    ``original`` is the fp32 value before patching (None: ``dst``'s own value); ``scale`` is
+    the per-tensor scale of a scaled-fp8 weight (stored = value / scale). ``index_offset`` is the flat index of
     ``dst``'s first element inside the whole tensor (for the stochastic counter).
     Returns how many elements fell outside the format: for fp8, changed elements that saturated
     at its limit; for wider formats, elements that are inf or NaN after the write.
@@ -115,6 +118,8 @@ def round_into(
     if dst.dtype not in FP8_MAX:  # plain RTNE of every element (scaled weights are fp8 only)
         dst.copy_(value)
         return count_nonfinite(dst)
+    if original is None:
+        original = dst.float() * scale if scale is not None else dst.float()
     changed = value != original
     # divide by a tensor: CUDA turns division by a Python scalar into a reciprocal multiply, which
     # is not IEEE division and would make GPU results differ from the CPU's and the kernel's
@@ -129,6 +134,7 @@ def round_into(
         new = _nearest_fp8(target, dst.dtype)
     else:
         raise ValueError(f"unknown rounding mode {rounding!r}")
+    new = torch.where(target != target, NAN_BITS, new.view(torch.uint8)).view(dst.dtype)
     # keep the old bits wherever the stored value does not move (also keeps the sign of zeros)
     moved = changed & (new.float() != dst.float())
     dst.view(torch.uint8).copy_(torch.where(moved, new.view(torch.uint8), dst.view(torch.uint8)))
