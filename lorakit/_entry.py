@@ -3,12 +3,20 @@ torch are still being imported — ends with one line and exit status 130, never
 
 from __future__ import annotations
 
+import signal
 import sys
+
+from .interrupts import outside_imports
 
 INTERRUPTED = "lorakit: error: interrupted; nothing was written\n"
 
 
+def _interrupt(signum: int) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, outside_imports(_interrupt))
     try:
         import click
 

@@ -11,6 +11,7 @@ import click
 
 from ._version import __version__
 from .errors import LorakitError
+from .interrupts import outside_imports
 from .reports import DryRunReport, PlanReport
 
 
@@ -25,8 +26,11 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _stop(signum: int, frame: object) -> None:
+def _raise_stopped(signum: int) -> None:
     raise Stopped(signum)
+
+
+_stop = outside_imports(_raise_stopped)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -38,7 +38,13 @@ def test_unknown_checkpoint_names_what_lorakit_knows() -> None:
 
 def test_lora_family_is_scored_across_families() -> None:
     keys = [f"transformer.transformer_blocks.{i}.attn.to_q.lora_A.weight" for i in range(3)]
-    assert lora_family(keys, {})[0] == "flux"  # every key counts for Flux, only blocks 1, 2 for SDXL
+    # diffusers names Flux.1's and Qwen-Image's double blocks alike (and blocks 1, 2 could be SDXL's):
+    # no family from these alone; one key only one of them has decides
+    assert lora_family(keys, {})[0] is None
+    flux = keys + ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
+    assert lora_family(flux, {})[0] == "flux"
+    qwen = keys + ["transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"]
+    assert lora_family(qwen, {})[0] == "qwen-image"
     tie = ["lora_unet_down_blocks_0_attentions_0_x.lora_down.weight", "lora_te2_text_model_y.lora_down.weight"]
     fam, why = lora_family(tie, {})
     assert fam is None and "sd15" in why and "sdxl" in why

@@ -109,6 +109,31 @@ def test_check_against_the_wrong_file(merged: Path, needle: str) -> None:
     one_line(cli("check", SD15, KOHYA, "--merged", merged), needle)
 
 
+def test_a_signal_during_an_import_lands_after_it(tmp_path: Path, monkeypatch) -> None:
+    """torch aborts when Ctrl-C lands inside its C++ initialisation: a signal during an import is
+    sent again until it lands outside one."""
+    from lorakit.interrupts import outside_imports
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, outside_imports(got.append))
+    try:
+        (tmp_path / "slow_module.py").write_text(
+            "import os, signal, time\nos.kill(os.getpid(), signal.SIGUSR1)\nfor _ in range(20):\n"
+            "    time.sleep(0.01)\nSEEN = list(RECORD)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import builtins
+        monkeypatch.setattr(builtins, "RECORD", got, raising=False)
+        import slow_module  # noqa: F401  (its body runs 0.2 s with the signal pending)
+        assert slow_module.SEEN == []  # nothing fired inside the import
+        deadline = time.monotonic() + 2
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        sys.modules.pop("slow_module", None)
+
+
 @pytest.mark.parametrize("delay", [0.15, 0.35, 0.7])
 def test_ctrl_c_at_any_moment_of_the_start(tmp_path: Path, delay: float) -> None:
     """SIGINT while the command line and torch are still importing, or once the merge runs."""
