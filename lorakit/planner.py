@@ -21,7 +21,8 @@ from . import formats
 from .adapters import select
 from .adapters.base import Adapter
 from .adapters.lora import LoRA
-from .arch import BaseSpec, Component, Target, claim, family_name
+from .adapters.rows import OutputRows
+from .arch import BaseSpec, Component, Split, Target, claim, family_name
 from .codecs import patchable
 from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UsageError
 from .lora import LoraFile, load_lora
@@ -209,15 +210,16 @@ def group_keys(lora: LoraFile, spec: BaseSpec) -> tuple[dict[str, dict[str, str]
 
 @dataclass
 class Resolved:
-    """A module that applies: its component, target, adapter and (for bias changes) bias target."""
+    """A module that applies: its component, and per base tensor it writes (one, or each part of a
+    ``Split``) the target, the adapter giving that tensor's change and the bias target."""
 
     module: str
     roles: dict[str, str]
     component: Component
-    target: Target
-    adapter: Adapter
+    parts: list[tuple[Target, Adapter, Target | None]]
+    adapter: Adapter  # the module's own adapter (reports)
     unused: list[str]
-    bias_target: Target | None
+    described: str  # what it writes, for reports
 
 
 def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,
@@ -237,13 +239,14 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
             report.unmatched.append(Unmatched(module, keys, f"no tensor{where} in BASE has this name"))
         return None
     comp, alias = hit
-    target = alias.target
+    targets = list(alias.target.parts) if isinstance(alias.target, Split) else [alias.target]
     if model_only and comp.strength_kind == "clip":
         skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
         return None
-    if not patchable(dtypes[target.key]):
-        report.unmatched.append(Unmatched(module, keys, f"{target.key} is stored as {dtypes[target.key]}; LoRAs change "
-                                                        "floating-point tensors only"))
+    stored = next((t for t in targets if not patchable(dtypes[t.key])), None)
+    if stored is not None:
+        report.unmatched.append(Unmatched(module, keys, f"{stored.key} is stored as {dtypes[stored.key]}; LoRAs "
+                                                        "change floating-point tensors only"))
         return None
     problems = formats.factor_problems(roles, {k: tuple(lora.tensors[k].shape) for k in roles.values()})
     if problems:
@@ -256,26 +259,61 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
     if adapter is None:
         report.unmatched.append(Unmatched(module, keys, "tensor names of no known adapter: " + ", ".join(sorted(roles))))
         return None
-    if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
-        report.notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank {adapter.rank}); "
-                            "scale alpha/rank per part")
-    view = _view_shape(shapes[target.key], target)
-    reason = _fits(adapter, view) if adapter.changes_weight else None
-    bias_target, bias = None, adapter.bias_delta()
-    if reason is None and bias is not None:
-        bkey = target.bias_key()
-        if bkey is None or bkey not in shapes or not patchable(dtypes[bkey]):
-            reason = f"carries a bias change but BASE has no floating-point bias for {target.key}"
-        else:
-            bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
-            bview = _view_shape(shapes[bkey], bias_target)
-            if tuple(bias.shape) != bview:
-                reason = f"bias change {tuple(bias.shape)} does not match {bkey} {bview}"
+    described = alias.target.describe()
+    views = [_view_shape(shapes[t.key], t) for t in targets]
+    if isinstance(alias.target, Split):
+        reason = _split_problem(adapter, views)
+        parts = [] if reason else _divide(adapter, targets, views)
+    else:
+        target = targets[0]
+        if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
+            report.notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank "
+                                f"{adapter.rank}); scale alpha/rank per part")
+        reason = _fits(adapter, views[0]) if adapter.changes_weight else None
+        parts = [(target, adapter)]
+    placed = []
+    for target, part_adapter in parts:
+        if reason is not None:
+            break
+        bias_target, reason = _bias_target(part_adapter, target, shapes, dtypes)
+        placed.append((target, part_adapter, bias_target))
     if reason is not None:
-        report.unmatched.append(Unmatched(module, keys, f"shape mismatch with {target.describe()} "
-                                                        f"{tuple(shapes[target.key])}: {reason}"))
+        shape = " + ".join(str(tuple(shapes[t.key])) for t in targets)
+        report.unmatched.append(Unmatched(module, keys, f"shape mismatch with {described} {shape}: {reason}"))
         return None
-    return Resolved(module, roles, comp, target, adapter, unused, bias_target)
+    return Resolved(module, roles, comp, placed, adapter, unused, described)
+
+
+def _split_problem(adapter: Adapter, views: list[tuple[int, ...]]) -> str | None:
+    """Why a fused module's change cannot be divided between the parts of ``views`` (None: it can)."""
+    if len({v[1:] for v in views}) != 1:
+        return "its parts differ in input size"
+    fused = (sum(v[0] for v in views),) + views[0][1:]
+    return OutputRows.why_not(adapter, fused) or (_fits(adapter, fused) if adapter.changes_weight else None)
+
+
+def _divide(adapter: Adapter, targets: list[Target], views: list[tuple[int, ...]]) -> list[tuple[Target, Adapter]]:
+    fused = (sum(v[0] for v in views),) + views[0][1:]
+    out, row = [], 0
+    for target, view in zip(targets, views):
+        out.append((target, OutputRows(adapter, (row, row + view[0]), fused)))
+        row += view[0]
+    return out
+
+
+def _bias_target(adapter: Adapter, target: Target, shapes: Shapes, dtypes: Dtypes) -> tuple[Target | None, str | None]:
+    """(where the adapter's bias change goes, or why it cannot); (None, None) without one."""
+    bias = adapter.bias_delta()
+    if bias is None:
+        return None, None
+    bkey = target.bias_key()
+    if bkey is None or bkey not in shapes or not patchable(dtypes[bkey]):
+        return None, f"carries a bias change but BASE has no floating-point bias for {target.key}"
+    bias_target = Target(bkey, target.rows, "swap_halves" if target.transform == "swap_halves" else None)
+    bview = _view_shape(shapes[bkey], bias_target)
+    if tuple(bias.shape) != bview:
+        return None, f"bias change {tuple(bias.shape)} does not match {bkey} {bview}"
+    return bias_target, None
 
 
 def emit(r: Resolved, lora: LoraFile, ls: LoraSpec, index: int, *, allow_nonfinite: bool, keep_zero: bool,
@@ -294,15 +332,16 @@ def emit(r: Resolved, lora: LoraFile, ls: LoraSpec, index: int, *, allow_nonfini
     if r.unused:
         report.unmatched.append(Unmatched(r.module, sorted(r.roles[role] for role in r.unused),
                                           f"not used by the {r.adapter.algo_name} adapter"))
-    report.matched.append(Matched(r.module, sorted(used), r.adapter.algo_name, r.component.label, r.target.describe(),
+    report.matched.append(Matched(r.module, sorted(used), r.adapter.algo_name, r.component.label, r.described,
                                   strength, r.adapter.rank, r.adapter.alpha(), kind))
     if strength == 0.0 and not keep_zero:
         return
-    if r.adapter.changes_weight:
-        ops.setdefault(r.target.key, []).append(Op(r.target, r.adapter, strength, "weight", index, r.module, kind))
-    if r.bias_target is not None:
-        ops.setdefault(r.bias_target.key, []).append(Op(r.bias_target, r.adapter, strength, "bias", index, r.module,
-                                                        kind))
+    for target, adapter, bias_target in r.parts:
+        if adapter.changes_weight:
+            ops.setdefault(target.key, []).append(Op(target, adapter, strength, "weight", index, r.module, kind))
+        if bias_target is not None:
+            ops.setdefault(bias_target.key, []).append(Op(bias_target, adapter, strength, "bias", index, r.module,
+                                                          kind))
 
 
 def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,

@@ -32,7 +32,8 @@ def plan_text(report: PlanReport, *, model_only: bool = False) -> str:
     lines = [f"BASE  {report.base}: {report.base_arch_name} ({', '.join(report.components)})"]
     for r in report.loras:
         c = r.counts
-        made_for = f"made for {r.arch_name}" if r.arch else "family not recorded in the file"
+        made_for = f"made for {r.arch_name}" if r.arch else (
+            "family not recorded in the file" if r.arch_source == "undetermined" else "family undecided")
         lines.append(f"LoRA  {r.file}: {r.format} format, {made_for} ({r.arch_source})")
         rows = [("strength", _strengths(r, report, model_only)),
                 ("would apply" if dry else "applied", f"{len(r.matched)} modules ({c['matched']} keys)")]
@@ -113,7 +114,8 @@ def inspect_text(info: dict) -> str:
     kind = "LoRA" if info["kind"] == "lora" else "checkpoint"
     lines = [f"{info['file']}: {kind}, {info['bytes'] / 1e6:.1f} MB, {info['tensors']} tensors"]
     if info["kind"] == "lora":
-        made_for = info["arch_name"] if info["arch"] else "not recorded"
+        made_for = info["arch_name"] if info["arch"] else (
+            "not recorded" if info["arch_source"] == "undetermined" else "undecided")
         rows = [("format", info["format"]), ("made for", f"{made_for} ({info['arch_source']})"),
                 ("algorithms", counted(info["algorithms"], "module")),
                 ("ranks", counted(info["ranks"], "module")), ("alphas", counted(info["alphas"], "module")),

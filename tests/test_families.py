@@ -41,13 +41,20 @@ def test_lora_family_is_scored_across_families() -> None:
     # diffusers names Flux.1's and Qwen-Image's double blocks alike (and blocks 1, 2 could be SDXL's):
     # no family from these alone; one key only one of them has decides
     assert lora_family(keys, {})[0] is None
-    flux = keys + ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
+    flux = keys + ["transformer.transformer_blocks.0.norm1.linear.lora_A.weight"]  # per-block modulation
     assert lora_family(flux, {})[0] == "flux"
+    # the single blocks are Flux.1's, Chroma's and FLUX.2's alike
+    shared = keys + ["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
+    fam, why = lora_family(shared, {})
+    assert fam is None and all(n in why for n in ("Flux.1", "Chroma", "FLUX.2"))
+    flux2 = keys + ["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight"]
+    assert lora_family(flux2, {})[0] == "flux2"
+    assert lora_family(keys + ["distilled_guidance_layer.in_proj.lora_A.weight"], {})[0] == "chroma"
     qwen = keys + ["transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"]
     assert lora_family(qwen, {})[0] == "qwen-image"
     tie = ["lora_unet_down_blocks_0_attentions_0_x.lora_down.weight", "lora_te2_text_model_y.lora_down.weight"]
     fam, why = lora_family(tie, {})
-    assert fam is None and "sd15" in why and "sdxl" in why
+    assert fam is None and "SD1.5" in why and "SDXL" in why
     assert lora_family(keys, {"ss_base_model_version": "sd_v1"}) == ("sd15", "metadata ss_base_model_version=sd_v1")
 
 

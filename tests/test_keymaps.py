@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.arch import detect
+from lorakit.arch import Split, detect
 from tests.conftest import MANIFESTS
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -86,7 +86,8 @@ def test_every_targetable_key_is_reachable(arch: str, manifests: Path) -> None:
     rows: dict[str, list[tuple[int, int]]] = {}
     for comp in spec.components:
         for alias in comp.aliases.values():
-            rows.setdefault(alias.target.key, []).append(alias.target.rows or (0, shapes[alias.target.key][0]))
+            for t in alias.target.parts if isinstance(alias.target, Split) else (alias.target,):
+                rows.setdefault(t.key, []).append(t.rows or (0, shapes[t.key][0]))
     missing = []
     for key in targetable(arch, shapes):
         spans = sorted(rows.get(key, []))

@@ -12,7 +12,7 @@ from tests.helpers import case_command, cli, load_cases
 
 CASES = load_cases("cases.json")
 # the newer families' cases (../shared/zoo/cases-next.json), for the families lorakit reads
-NEXT_FAMILIES = ("next_wan", "next_qwen")
+NEXT_FAMILIES = ("next_wan", "next_qwen", "next_zimage", "next_flux2", "next_chroma")
 NEXT = [c for c in load_cases("cases-next.json") if c["id"].startswith(NEXT_FAMILIES)]
 
 

@@ -22,6 +22,9 @@ class Adapter:
     """
 
     algo = "?"
+    # the change, computed for a whole fused module, can be cut into row blocks without reading the
+    # weight (what a fused LoRA over a base storing its parts apart needs; see ``rows.OutputRows``)
+    divisible = True
     required: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
     # roles every algorithm may carry besides its own factors: alpha, DoRA's magnitude, and a full

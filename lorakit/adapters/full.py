@@ -34,6 +34,7 @@ class Full(Adapter):
 class Set(Adapter):
     """Replace the tensor with the stored value; strength does not apply (as ComfyUI)."""
 
+    divisible = False  # reads the weight (or replaces it)
     algo = "set"
     required = frozenset({"set"})
 

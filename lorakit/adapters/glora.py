@@ -12,6 +12,7 @@ from .base import Adapter
 
 
 class GLoRA(Adapter):
+    divisible = False  # reads the weight (or replaces it)
     algo = "glora"
     required = frozenset({"a1", "a2", "b1", "b2"})
 

@@ -9,6 +9,7 @@ from .base import Adapter
 
 
 class IA3(Adapter):
+    divisible = False  # reads the weight (or replaces it)
     algo = "ia3"
     required = frozenset({"ia3_weight"})
     optional = frozenset({"on_input"})

@@ -27,6 +27,7 @@ def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
 class Rotation(Adapter):
     """Shared by OFT and BOFT: the strength acts inside the rotation, and ``rescale`` scales rows."""
 
+    divisible = False  # rotates the weight
     required = frozenset({"oft_blocks"})
     optional = frozenset({"rescale"})
 

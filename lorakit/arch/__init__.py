@@ -8,9 +8,9 @@ import re
 from ..errors import ArchitectureMismatch
 from ..formats import looks_like_lora
 from .registry import BY_ID, FAMILIES
-from .spec import KINDS, Alias, BaseSpec, Block, Component, Convention, Family, Kind, Shapes, Target
+from .spec import KINDS, Alias, BaseSpec, Block, Component, Convention, Family, Kind, Shapes, Split, Target
 
-__all__ = ["detect", "lora_family", "claim", "family_name", "BaseSpec", "Component", "Target", "Block", "Alias",
+__all__ = ["detect", "lora_family", "claim", "family_name", "BaseSpec", "Component", "Target", "Split", "Block", "Alias",
            "Convention", "Family", "Kind", "FAMILIES", "KINDS"]
 
 
@@ -53,7 +53,8 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> tuple[str | None, 
     """(family id or None, how it was decided) for a LoRA file.
 
     Metadata that names a family decides; else every family's signals are counted over the keys
-    and the family with the most matching keys wins (a tie is undetermined: the base decides)."""
+    and the family with the most matching keys wins; between tied families the one with the most
+    keys none of the others matches wins (none, or a tie again, is undetermined: the base decides)."""
     v = metadata.get("ss_base_model_version", "")
     spec = metadata.get("modelspec.architecture", "")
     for fam in FAMILIES:
@@ -62,19 +63,31 @@ def lora_family(keys: list[str], metadata: dict[str, str]) -> tuple[str | None, 
     for fam in FAMILIES:
         if spec and any(spec.startswith(p) for p in fam.modelspec):
             return fam.id, f"metadata modelspec.architecture={spec}"
-    scores = []
+    hits: dict[str, list[str]] = {}
     for fam in FAMILIES:
-        rx = [re.compile(s) for s in fam.lora_signals]
-        hits = [k for k in keys if any(r.search(k) for r in rx)]
-        if hits:
-            scores.append((len(hits), fam.id, hits[0]))
-    if not scores:
+        rx = fam.signals()
+        found = [k for k in keys if any(r.search(k) for r in rx)]
+        if found:
+            hits[fam.id] = found
+    if not hits:
         return None, "undetermined"
-    scores.sort(key=lambda s: -s[0])
-    if len(scores) > 1 and scores[0][0] == scores[1][0]:
-        return None, f"undetermined ({scores[0][1]} and {scores[1][1]} match {scores[0][0]} keys each)"
-    _, fid, first = scores[0]
-    return fid, f"key {first}"
+    most = max(len(h) for h in hits.values())
+    top = [fid for fid, h in hits.items() if len(h) == most]
+    if len(top) > 1:
+        # names several families share count for each; among those tied, the keys a signal of only
+        # one of them matches decide
+        own = {}
+        for fid in top:
+            others = {sig for o in top if o != fid for sig in BY_ID[o].lora_signals}
+            rx = [re.compile(sig) for sig in BY_ID[fid].lora_signals if sig not in others]
+            own[fid] = [k for k in keys if any(r.search(k) for r in rx)]
+        best = max(len(v) for v in own.values())
+        winners = [fid for fid in top if len(own[fid]) == best]
+        if best == 0 or len(winners) > 1:
+            names = [family_name(fid) for fid in top]
+            return None, f"{', '.join(names[:-1])} or {names[-1]}: names they share, {most} keys"
+        return winners[0], f"key {own[winners[0]][0]}"
+    return top[0], f"key {hits[top[0]][0]}"
 
 
 def claim(module: str, prefer: tuple[str | None, ...] = ()) -> tuple[str, str, str] | None:

@@ -74,6 +74,13 @@ XLABS = Table("xlabs", (
 LINEAR1_QKV = Table("linear1-qkv", (Row("single_blocks.{i}.linear1_qkv", "single_blocks.{i}.linear1", (0, 3)),))
 TABLES = (DIFFUSERS, XLABS, LINEAR1_QKV)
 
+# LoRA-side signals: names Flux.1, Chroma and FLUX.2 share (BFL blocks, diffusers' single blocks and
+# embedders) count for each of them, so a file with only those is undetermined and BASE decides;
+# names only some of them have tell them apart
+BFL_SHARED = (r"double_blocks|single_blocks|single_transformer_blocks|lora_transformer_|x_embedder|context_embedder|"
+              r"time_in|guidance_in")
+FLUX1_CHROMA = r"transformer_blocks[._]\d+[._](ff|ff_context)[._]net|proj_mlp|single_transformer_blocks[._]\d+[._]proj_out"
+
 BFL_ROOTS = ("double_blocks.", "single_blocks.", "final_layer.", "img_in", "txt_in", "time_in.", "vector_in.",
              "guidance_in.")
 CONVENTIONS = (
@@ -112,9 +119,10 @@ FLUX1 = Family(
            clip_l_slot("text_encoders.clip_l.transformer."), t5_slot("text_encoders.t5xxl.transformer."),
            vae_slot("vae.")),
     signature=Signature(("double_blocks.0.img_attn.qkv.weight",)),
-    lora_signals=(r"double_blocks|single_blocks|single_transformer_blocks|transformer_blocks[._]\d+[._]"
-                  r"(ff_context|norm1_context|norm1[._]linear|ff[._]net)|lora_transformer_|lora_te3_|x_embedder|"
-                  r"context_embedder",),
+    lora_signals=(BFL_SHARED, FLUX1_CHROMA,
+                  r"img_mod|txt_mod|blocks[._]\d+[._]modulation[._]lin|vector_in|norm1[._]linear|norm1_context|"
+                  r"single_transformer_blocks[._]\d+[._]norm[._]linear|time_text_embed|lora_te3_|"
+                  r"processor[._](qkv|proj)_lora|(^|[._])text_encoder[._]|lora_te1_"),
     metadata=("flux1",), modelspec=("flux-1",),
     details=details,
     widths={3072: "Flux.1 dev / schnell"},

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .spec import Block, Shapes, Signature, Target
+from .spec import Block, Shapes, Signature, Split, Target
 
 Fused = dict[str, tuple[str, ...]]  # native module template -> row part size names
 
@@ -37,9 +37,19 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Fan:
+    """``name`` (in the table's space) is one module whose output rows are the native modules
+    ``natives`` in order: a fused projection (diffusers' ``to_qkv`` after ``fuse_qkv_projections``,
+    SimpleTuner's fused LoRAs) over a base that stores the parts apart. Present when all are."""
+
+    name: str
+    natives: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Table:
     space: str
-    rows: tuple[Row, ...]
+    rows: tuple[Row | Fan, ...]
 
 
 @lru_cache(maxsize=None)
@@ -84,7 +94,21 @@ def native_space(shapes: Shapes, prefix: str, leaves: tuple[str, ...], fused: Fu
     return out
 
 
-def expand(table: Table, shapes: Shapes, prefix: str, fused: Fused, dims: dict[str, int]) -> dict[str, Target]:
+def _fan(row: Fan, modules: dict[str, set[str]], prefix: str) -> dict[str, Split]:
+    out = {}
+    rx = _pattern(row.natives[0])
+    for module in sorted(modules):
+        m = rx.match(module)
+        if m is None or "weight" not in modules[module]:
+            continue
+        natives = [_fill(n, m) for n in row.natives]
+        if all("weight" in modules.get(n, ()) for n in natives):
+            out[_fill(row.name, m)] = Split(tuple(Target(f"{prefix}{n}.weight") for n in natives))
+    return out
+
+
+def expand(table: Table, shapes: Shapes, prefix: str, fused: Fused,
+           dims: dict[str, int]) -> dict[str, Target | Split]:
     """The table's names for the native modules of a base file."""
     modules: dict[str, set[str]] = {}
     for key in shapes:
@@ -92,8 +116,11 @@ def expand(table: Table, shapes: Shapes, prefix: str, fused: Fused, dims: dict[s
             module, _, leaf = key[len(prefix):].rpartition(".")
             modules.setdefault(module, set()).add(leaf)
             modules.setdefault(key[len(prefix):], set()).add("")  # as a bare parameter
-    out: dict[str, Target] = {}
+    out: dict[str, Target | Split] = {}
     for row in table.rows:
+        if isinstance(row, Fan):
+            out.update(_fan(row, modules, prefix))
+            continue
         rx = _pattern(row.native)
         for module in sorted(modules):
             m = rx.match(module)
@@ -127,6 +154,8 @@ def view(table: Table, shapes: Shapes, name: str) -> Layout:
         module, _, leaf = key.rpartition(".")
         modules.setdefault(module, []).append(leaf)
     for row in table.rows:
+        if isinstance(row, Fan):  # a fused name of the LoRA side; diffusers stores the parts
+            continue
         rx = _pattern(row.name)
         if not row.leaf:  # a bare parameter: the key is the name
             for key in shapes:

@@ -6,12 +6,21 @@ from __future__ import annotations
 
 from ..keys import count
 from . import conventions as C
-from .modules import native_space
+from .modules import Fan, Table, expand, native_space
 from .spec import DENOISER, Family, Shapes, Signature, Slot, Target
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 LEAVES = ("weight",)
 ROOTS = ("transformer_blocks.", "img_in", "txt_in", "txt_norm", "norm_out.", "proj_out", "time_text_embed.")
+# diffusers' fused projections (``fuse_qkv_projections``) and SimpleTuner's fused LoRAs: one module
+# over the separately stored q, k, v
+FUSED_NAMES = Table("native", (
+    Fan("transformer_blocks.{i}.attn.to_qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+                                               "transformer_blocks.{i}.attn.to_v")),
+    Fan("transformer_blocks.{i}.attn.to_added_qkv", ("transformer_blocks.{i}.attn.add_q_proj",
+                                                     "transformer_blocks.{i}.attn.add_k_proj",
+                                                     "transformer_blocks.{i}.attn.add_v_proj")),
+))
 CONVENTIONS = (
     C.KOHYA_NATIVE,  # musubi-tuner: lora_unet_transformer_blocks_0_attn_to_q
     C.COMFY,  # ai-toolkit: diffusion_model.transformer_blocks.0.attn.to_q
@@ -22,7 +31,7 @@ CONVENTIONS = (
 
 
 def spaces(shapes: Shapes, prefix: str) -> dict[str, dict[str, Target]]:
-    return {"native": native_space(shapes, prefix, LEAVES, {}, {})}
+    return {"native": {**native_space(shapes, prefix, LEAVES, {}, {}), **expand(FUSED_NAMES, shapes, prefix, {}, {})}}
 
 
 def details(shapes: Shapes, prefix: str) -> dict:

@@ -59,6 +59,18 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Split:
+    """One LoRA module over several base tensors: the module's output rows are ``parts`` in order
+    (a LoRA trained on a fused ``to_qkv``, applied to a base that stores q, k and v apart). The
+    inverse of a row-sliced ``Target``; the planner gives each part its rows of the change."""
+
+    parts: tuple[Target, ...]
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts)
+
+
+@dataclass(frozen=True)
 class Block:
     """Logical rows ``rows`` of a single-file tensor are rows ``offset ...`` of real tensor ``key``
     (a diffusers tensor in a diffusers layout; the tensor itself in a single-file layout)."""
@@ -115,7 +127,7 @@ class Convention:
 class Alias:
     convention: Convention
     module: str  # in the convention's space
-    target: Target
+    target: Target | Split
 
 
 @dataclass
@@ -124,7 +136,7 @@ class Component:
 
     kind: Kind
     prefix: str  # key prefix of this component inside the base file
-    spaces: dict[str, dict[str, Target]]
+    spaces: dict[str, dict[str, Target | Split]]
     conventions: tuple[Convention, ...]
     label: str = ""  # the family's word for it ("U-Net", "transformer"); the kind's otherwise
     aliases: dict[str, Alias] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..keys import count
 from . import conventions as C
-from .modules import Row, Table, View, expand, native_space
+from .modules import Fan, Row, Table, View, expand, native_space
 from .spec import DENOISER, Convention, Family, Shapes, Signature, Slot, Target
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -51,6 +51,10 @@ DIFFUSERS = Table("diffusers", _attn("attn1", "self_attn") + _attn("attn2", "cro
     Row("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
     Row("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
     Row("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
+    # diffusers' fused projections (WanAttention.fuse_projections): one module over separate tensors
+    Fan("blocks.{i}.attn1.to_qkv", ("blocks.{i}.self_attn.q", "blocks.{i}.self_attn.k", "blocks.{i}.self_attn.v")),
+    Fan("blocks.{i}.attn2.to_kv", ("blocks.{i}.cross_attn.k", "blocks.{i}.cross_attn.v")),
+    Fan("blocks.{i}.attn2.to_added_kv", ("blocks.{i}.cross_attn.k_img", "blocks.{i}.cross_attn.v_img")),
 ))
 
 ROOTS = ("blocks.", "head.", "patch_embedding", "text_embedding.", "time_embedding.", "time_projection.", "img_emb.")
