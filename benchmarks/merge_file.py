@@ -4,6 +4,8 @@
     python benchmarks/merge_file.py --arch flux     # ~23.8 GB bf16, rank-32 LoRA on all 304 block Linears
     python benchmarks/merge_file.py --arch wan14b   # ~28.6 GB bf16 Wan 2.1 T2V 14B, every attention / FFN Linear
     python benchmarks/merge_file.py --arch qwen-image --dtype fp8   # ~20.4 GB, fp8 e4m3fn matrices
+    python benchmarks/merge_file.py --arch flux2-dev --dtype fp8    # ~32 GB FLUX.2 dev, every block Linear, fp8
+    python benchmarks/merge_file.py --arch z-image                  # ~12.3 GB bf16 Z-Image, every block Linear
 
 Shapes come from the real manifests (../shared/manifests). Data is random (a random block tiled
 over the file, so writing 24 GB does not take an hour of RNG). One run reports, for the same
@@ -38,6 +40,8 @@ SETS = {
     "flux": ("flux1-dev.json", "BF16"),
     "wan14b": ("wan2.1_t2v_14b.json", "BF16"),
     "qwen-image": ("qwen_image.json", "BF16"),
+    "flux2-dev": ("flux2_dev.json", "BF16"),
+    "z-image": ("z_image_turbo.json", "BF16"),
 }
 SDXL_UNET = re.compile(r"model\.diffusion_model\.(.*(?:transformer_blocks\.\d+\.(?:attn[12]\.to_(?:q|k|v|out\.0)|ff\.net\.(?:0\.proj|2))"
                        r"|\w+\.1\.proj_(?:in|out)))\.weight$")
@@ -53,6 +57,10 @@ DIT = {
     "wan14b": re.compile(r"(blocks\.\d+\.(?:(?:self_attn|cross_attn)\.(?:q|k|v|o)|ffn\.[02]))\.weight$"),
     "qwen-image": re.compile(r"(transformer_blocks\.\d+\.(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|"
                              r"add_v_proj|to_add_out)|(?:img|txt)_mlp\.net\.(?:0\.proj|2)|(?:img|txt)_mod\.1))\.weight$"),
+    "flux2-dev": re.compile(r"((?:double|single)_blocks\.\d+\.(?:img_attn\.qkv|img_attn\.proj|txt_attn\.qkv|txt_attn\.proj|"
+                            r"img_mlp\.[02]|txt_mlp\.[02]|linear1|linear2))\.weight$"),
+    "z-image": re.compile(r"((?:layers|noise_refiner|context_refiner)\.\d+\.(?:attention\.(?:qkv|out)|feed_forward\.w[123]|"
+                          r"adaLN_modulation\.0))\.weight$"),
 }
 
 
