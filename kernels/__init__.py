@@ -40,6 +40,7 @@ class Job:
     salt: int = 0  # mix32(seed ^ crc32(key)) for stochastic rounding
     weight_scale: float | None = None
     source: torch.Tensor | None = None  # read the original from here instead of w (re-patch from a backup)
+    index_base: int = 0  # flat index of w's first element in the whole tensor (stochastic counter)
 
 
 def launch_args(kind: str, factor_dtype: torch.dtype, *, scaled: bool, stochastic: bool, block: tuple[int, int],
@@ -97,7 +98,7 @@ class _Group:
                 segs.append([u.data_ptr(), d.data_ptr(), up.shape[1], r0, r1])
                 seg_scales.append(scale)
             src = job.w if job.source is None else job.source
-            layers.append([job.w.data_ptr(), src.data_ptr(), rows, cols, first, len(segs), job.salt])
+            layers.append([job.w.data_ptr(), src.data_ptr(), rows, cols, first, len(segs), job.salt, job.index_base])
             layer_scales.append(job.weight_scale or 1.0)
             tiles.append(_tiles(li, job, bm, bn))
         self.tiles = torch.cat(tiles).to(device=device, dtype=torch.int32).contiguous()

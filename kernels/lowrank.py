@@ -23,11 +23,12 @@ KINDS = {"fp32": FP32.value, "fp16": FP16.value, "bf16": BF16.value, "e4m3": E4M
 
 # Tables (int64, row-major), built by the launcher in lorakit.kernels. Column indices by name:
 #   layer row:   W address, source address (W itself, or a backup to re-patch from), rows, cols,
-#                first segment, end segment, salt
+#                first segment, end segment, salt, index base (the flat index of W's first element in
+#                the whole tensor, for the stochastic counter)
 #   segment row: up address, down address, rank, first row, end row   (one LoRA on rows of one weight)
 #   tile row (int32): layer, tile row, tile column
-L_W, L_SRC, L_ROWS, L_COLS, L_SEG0, L_SEG1, L_SALT = (tl.constexpr(i) for i in range(7))
-LAYER_COLS = tl.constexpr(7)
+L_W, L_SRC, L_ROWS, L_COLS, L_SEG0, L_SEG1, L_SALT, L_IDX0 = (tl.constexpr(i) for i in range(8))
+LAYER_COLS = tl.constexpr(8)
 S_UP, S_DOWN, S_RANK, S_ROW0, S_ROW1 = (tl.constexpr(i) for i in range(5))
 SEG_COLS = tl.constexpr(5)
 T_LAYER, T_ROW, T_COL = (tl.constexpr(i) for i in range(3))
@@ -147,6 +148,7 @@ def grouped_lowrank_kernel(
     seg0 = tl.load(row + L_SEG0)
     seg1 = tl.load(row + L_SEG1)
     salt = tl.load(row + L_SALT).to(tl.uint32)
+    idx0 = tl.load(row + L_IDX0)
 
     offs_m = tm * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = tn * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -217,7 +219,7 @@ def grouped_lowrank_kernel(
         out = _bf16_rtne(target)
         y = (out.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
-        out = _round_fp8(target, changed, raw, salt, offs, W_KIND, FP8_BIAS, FP8_MBITS, FP8_MAX, STOCHASTIC)
+        out = _round_fp8(target, changed, raw, salt, offs + idx0, W_KIND, FP8_BIAS, FP8_MBITS, FP8_MAX, STOCHASTIC)
         out = out.to(tl.uint8)
     if W_KIND >= E4M3:
         bad = (tl.abs(target) > FP8_MAX) & changed & mask

@@ -33,6 +33,9 @@ class Part:
     block: Block
     tensor: torch.Tensor
     codec: Codec
+    # the row of the real tensor ``tensor`` starts at, when it is a row piece of a streamed tensor
+    # (the stochastic counter counts from there)
+    first_row: int = 0
 
     @property
     def key(self) -> str:
@@ -41,6 +44,12 @@ class Part:
 
 def whole(key: str, tensor: torch.Tensor, codec: Codec) -> list[Part]:
     return [Part(Block(key, (0, tensor.shape[0] if tensor.dim() else 1)), tensor, codec)]
+
+
+def piece(key: str, tensor: torch.Tensor, codec: Codec, first_row: int) -> list[Part]:
+    """Rows ``first_row ...`` of a tensor, held by ``tensor`` (its rows alone): a piece of a streamed
+    tensor, patched as the whole tensor would be (plain low-rank ops only)."""
+    return [Part(Block(key, (first_row, first_row + tensor.shape[0])), tensor, codec, first_row)]
 
 
 def lowrank_segments(ops: list[Op]) -> list[Segment] | None:
@@ -73,7 +82,9 @@ def updates(parts: list[Part], ops: list[Op]) -> list[tuple[Update, list[Op]]] |
             lo, hi = max(a, lo_p), min(b, hi_p)
             if lo >= hi:
                 continue
-            u, tags = by_key.setdefault(p.key, (Update(p.tensor, [], p.key, p.codec), []))
+            cols = as_matrix(p.tensor).shape[1] if p.tensor.dim() else 1
+            u, tags = by_key.setdefault(p.key, (Update(p.tensor, [], p.key, p.codec, index_base=p.first_row * cols),
+                                                []))
             shift = p.block.offset - lo_p
             u.segments.append(Segment(seg.up[lo - a:hi - a], seg.down, seg.scale, (lo + shift, hi + shift)))
             tags.append(op)

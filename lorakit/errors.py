@@ -28,6 +28,10 @@ class KeyMapError(LorakitError):
     """A base file's names make a LoRA name ambiguous (it would address two tensors)."""
 
 
+class DuplicateModuleError(LorakitError):
+    """A LoRA file changes the same rows of a weight twice, through two of its modules, differently."""
+
+
 class UnmatchedKeysError(LorakitError):
     """Strict mode: LoRA keys for a component present in BASE address no base tensor."""
 

@@ -1,4 +1,5 @@
-"""Plan and stream a merge: BASE -> OUT, a few 64 MB windows in memory at a time.
+"""Plan and stream a merge: BASE -> OUT, a few 64 MB windows in memory at a time (a tensor larger
+than a window is streamed in row pieces when its change allows it).
 
 OUT keeps BASE's keys, shapes, dtypes, tensor order and data offsets; only the header
 (metadata + a ``lorakit`` provenance entry, padded to BASE's offset within a page) changes size.
@@ -27,7 +28,7 @@ from .arch import detect
 from .codecs import Codec, default_rounding
 from .codecs.rounding import count_nonfinite
 from .devices import resolve_device
-from .engine import patch_generic_, updates, whole
+from .engine import lowrank_segments, patch_generic_, piece, updates, whole
 from .errors import NonFiniteError, OutputError
 from .io import open_container
 from .io.safetensors import DTYPES, SafetensorsFile, TensorInfo, build_header
@@ -59,14 +60,38 @@ def plan(base: str | os.PathLike, loras: list[LoraSpec], *, model_only: bool = F
                       allow_unmatched=allow_unmatched, allow_nonfinite=allow_nonfinite)
 
 
-def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[tuple[int, int, list[str]]]:
-    """The data section in file order as windows of about ``size`` bytes: (begin, end, touched keys).
+Piece = tuple[str, "tuple[int, int] | None"]  # a touched tensor, or rows r0:r1 of one
 
-    A touched tensor always lies whole inside one window (alone, if it is larger than ``size``);
+
+def _pieces(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[tuple[int, int, Piece]]:
+    """The touched tensors as byte ranges: (begin, end, (key, rows)). A tensor of more than ``size``
+    bytes whose ops are all plain low-rank is cut into row pieces of about ``size`` bytes (each row's
+    change depends on that row alone), so memory stays at a few windows whatever the tensor size;
+    other tensors stay whole (their adapters read the whole weight)."""
+    out = []
+    for key in ops:
+        info = src.infos[key]
+        n = info.end - info.begin
+        rows = info.shape[0] if info.shape else 1
+        if n <= size or len(info.shape) < 2 or rows < 2 or lowrank_segments(ops[key]) is None:
+            out.append((info.begin, info.end, (key, None)))
+            continue
+        row_bytes = n // rows
+        step = max(1, size // row_bytes)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            out.append((info.begin + r0 * row_bytes, info.begin + r1 * row_bytes, (key, (r0, r1))))
+    return sorted(out, key=lambda t: t[0])
+
+
+def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[tuple[int, int, list[Piece]]]:
+    """The data section in file order as windows of about ``size`` bytes: (begin, end, pieces).
+
+    A touched piece always lies whole inside one window (alone, if it is larger than ``size``);
     untouched bytes are cut anywhere. Big windows mean big reads and writes: with direct I/O the
     SDXL benchmark streamed in ~8.1 s with one request per tensor (3 MB typical), 6.8-7.2 s with
     32 MB windows and 5.3-5.8 s with 64 MB ones (2-core test VM, one read in flight)."""
-    touched = sorted((src.infos[k].begin, src.infos[k].end, k) for k in ops)
+    touched = _pieces(src, ops, size)
     data_end = src.file_size - src.data_start
     out, start, i = [], 0, 0
     while start < data_end or i < len(touched):
@@ -74,7 +99,7 @@ def _windows(src: SafetensorsFile, ops: dict[str, list[Op]], size: int) -> list[
         while i < len(touched) and touched[i][1] <= limit:
             keys.append(touched[i][2])
             i += 1
-        if i < len(touched) and touched[i][0] < limit:  # the next touched tensor crosses the limit
+        if i < len(touched) and touched[i][0] < limit:  # the next touched piece crosses the limit
             if keys or touched[i][0] > start:
                 end = touched[i][0]
             else:
@@ -97,7 +122,7 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
     Everything is read in file order (untouched bytes too) into a ring of reused page-aligned
     buffers, patched there and written from there. With PREFETCH windows read ahead and
     WRITE_BEHIND waiting to be written, PREFETCH + WRITE_BEHIND + 1 buffers are in use at most:
-    memory stays at a few tensors whatever the file size.
+    memory stays at a few windows whatever the file size.
     """
     windows = _windows(src, ops, WINDOW)
     cap = Reader.buffer_bytes(max(b - a for a, b, _ in windows) if windows else 0)
@@ -106,8 +131,8 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
     ring = [aligned_empty(cap) for _ in range(depth + behind + 1)]
 
     def read(i: int) -> torch.Tensor:
-        begin, end, keys = windows[i]
-        return reader.read(ring[i % len(ring)], begin, end, f"tensor {keys[0]!r}" if keys else "data")
+        begin, end, pieces = windows[i]
+        return reader.read(ring[i % len(ring)], begin, end, f"tensor {pieces[0][0]!r}" if pieces else "data")
 
     def write(raw: torch.Tensor) -> None:
         writer.write(raw)
@@ -117,16 +142,23 @@ def _stream(src: SafetensorsFile, reader: Reader, writer: Writer, progress: Prog
     pool_r, pool_w = ThreadPoolExecutor(READERS, "lorakit-read"), ThreadPoolExecutor(1, "lorakit-write")
     reads: deque = deque(pool_r.submit(read, i) for i in range(min(depth, len(windows))))
     writes: deque = deque()
+    pending: dict[str, int] = {}  # out-of-range counts of the pieces of a tensor seen so far
     try:
-        for i, (begin, _end, keys) in enumerate(windows):
+        for i, (begin, _end, pieces) in enumerate(windows):
             raw = reads.popleft().result()
             if i + depth < len(windows):
                 reads.append(pool_r.submit(read, i + depth))
-            for key in keys:
+            for key, rows in pieces:
                 info = src.infos[key]
-                n = _patch_raw(raw[info.begin - begin: info.end - begin], info, ops[key], codecs[key],
-                               device=device, rounding=rounding, seed=seed)
-                if n:
+                lo, hi = info.begin, info.end
+                if rows is not None:
+                    row_bytes = (info.end - info.begin) // info.shape[0]
+                    lo, hi = info.begin + rows[0] * row_bytes, info.begin + rows[1] * row_bytes
+                n = pending.pop(key, 0) + _patch_raw(raw[lo - begin: hi - begin], info, ops[key], codecs[key],
+                                                     device=device, rounding=rounding, seed=seed, rows=rows)
+                if rows is not None and rows[1] < info.shape[0]:
+                    pending[key] = n  # more pieces of this tensor to come
+                elif n:
                     out_of_range.add(key, n, codecs[key], lambda k=key: src.get(k))
             writes.append(pool_w.submit(write, raw))
             while len(writes) > behind:
@@ -163,23 +195,26 @@ class OutOfRange:
 
 
 def _patch_raw(raw: torch.Tensor, info: TensorInfo, ops: list[Op], codec: Codec, *, device: torch.device,
-               rounding: str, seed: int) -> int:
-    """Patch one tensor in place, given as its raw bytes (every op in order, one rounding);
-    returns the number of elements its storage could not hold."""
+               rounding: str, seed: int, rows: tuple[int, int] | None = None) -> int:
+    """Patch one tensor (or its rows ``rows``: a piece, plain low-rank ops only) in place, given as
+    its raw bytes (every op in order, one rounding); returns the number of elements its storage
+    could not hold."""
     if raw.storage_offset() % DTYPES[info.dtype][1]:
         # stored at an offset its dtype cannot be viewed at: patch an aligned copy
         aligned = raw.clone()
-        sat = _patch_raw(aligned, info, ops, codec, device=device, rounding=rounding, seed=seed)
+        sat = _patch_raw(aligned, info, ops, codec, device=device, rounding=rounding, seed=seed, rows=rows)
         raw.copy_(aligned)
         return sat
-    stored = raw.view(info.torch_dtype).reshape(info.shape)
+    shape = info.shape if rows is None else (rows[1] - rows[0],) + tuple(info.shape[1:])
+    stored = raw.view(info.torch_dtype).reshape(shape)
     target = stored if device.type == "cpu" else stored.to(device)
-    parts = whole(info.key, target, codec)
+    parts = whole(info.key, target, codec) if rows is None else piece(info.key, target, codec, rows[0])
     ups = updates(parts, ops)
     if ups is not None:  # plain low-rank: the primitive (the Triton kernel on CUDA)
         update_many_([u for u, _ in ups], rounding=rounding, seed=seed)
         out_of_range = sum(u.out_of_range for u, _ in ups)
     else:
+        assert rows is None, "only plain low-rank tensors are streamed in pieces"
         out_of_range = patch_generic_(parts, ops, rounding=rounding, seed=seed, device=device)
     if target is not stored:
         stored.copy_(target)

@@ -24,7 +24,7 @@ from .adapters.lora import LoRA
 from .adapters.rows import OutputRows
 from .arch import BaseSpec, Component, Split, Target, claim, family_name
 from .codecs import patchable
-from .errors import ArchitectureMismatch, NonFiniteError, UnmatchedKeysError, UsageError
+from .errors import ArchitectureMismatch, DuplicateModuleError, NonFiniteError, UnmatchedKeysError, UsageError
 from .lora import LoraFile, load_lora
 from .reports import LoraReport, Matched, PlanReport, Skipped, Unmatched
 
@@ -223,7 +223,7 @@ class Resolved:
 
 
 def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,
-            model_only: bool, report: LoraReport, skipped: dict[str, tuple[str, list[str]]]) -> Resolved | None:
+            model_only: bool, report: LoraReport, skipped: dict[tuple[str, str], list[str]]) -> Resolved | None:
     """Find the module's target and adapter and check they fit; what does not lands in the report."""
     keys = sorted(roles.values())
     hit = spec.lookup(module)
@@ -232,7 +232,7 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
         owner = claim(module, prefer)
         cid = owner[0] if owner else None
         if cid is not None and spec.component(cid) is None:
-            skipped.setdefault(owner[2], ("component not in BASE", []))[1].extend(keys)
+            skipped.setdefault((owner[2], "component not in BASE"), []).extend(keys)
         else:
             present = spec.component(cid) if cid is not None else None
             where = "" if present is None else f" of the {present.label}"
@@ -241,7 +241,7 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
     comp, alias = hit
     targets = list(alias.target.parts) if isinstance(alias.target, Split) else [alias.target]
     if model_only and comp.strength_kind == "clip":
-        skipped.setdefault(comp.label, ("--model-only", []))[1].extend(keys)
+        skipped.setdefault((comp.label, "--model-only"), []).extend(keys)
         return None
     stored = next((t for t in targets if not patchable(dtypes[t.key])), None)
     if stored is not None:
@@ -353,17 +353,76 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
     report = LoraReport(lora.path, lora.sha256, lora.family, lora.arch, lora.arch_source, ls.model_strength, ls.clip,
                         len(lora.tensors), arch_name=family_name(lora.arch), width=_lora_width(lora))
     groups, report.unmatched = group_keys(lora, spec)
-    skipped: dict[str, tuple[str, list[str]]] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}  # (component, reason) -> keys
     for module, roles in groups.items():
         r = resolve(lora, module, roles, spec, shapes, dtypes, model_only=model_only, report=report, skipped=skipped)
         if r is not None:
             emit(r, lora, ls, index, allow_nonfinite=allow_nonfinite, keep_zero=keep_zero, ops=ops, report=report)
-    report.skipped = [Skipped(c, why, sorted(keys)) for c, (why, keys) in sorted(skipped.items())]
+    _drop_duplicates(lora, index, ops, shapes, report, skipped)
+    report.skipped = [Skipped(c, why, sorted(keys)) for (c, why), keys in sorted(skipped.items())]
     for u in report.unmatched[:NEAREST_FOR]:
         u.nearest = _nearest(spec, u.module)
     if sum(report.counts.values()) != len(lora.tensors):  # a planner bug, never a user error
         raise RuntimeError(f"{lora.path}: planned keys do not add up to the file's {len(lora.tensors)} tensors")
     return report
+
+
+DUPLICATE_RTOL = 1e-3  # two spellings of one change agree to this (factors rounded alike in fp32 products)
+
+
+def _rows(op: Op, shapes: Shapes) -> tuple[int, int]:
+    return op.target.rows or (0, shapes[op.target.key][0] if shapes[op.target.key] else 1)
+
+
+def _change(op: Op, rows: tuple[int, int], shapes: Shapes) -> torch.Tensor:
+    """The op's scaled weight change on ``rows`` (base rows) of its target."""
+    a, b = _rows(op, shapes)
+    view = (b - a,) + tuple(shapes[op.target.key][1:])
+    delta = op.adapter.full_delta(torch.empty(view)) * op.scale
+    return delta[rows[0] - a:rows[1] - a]
+
+
+def _drop_duplicates(lora: LoraFile, index: int, ops: dict[str, list[Op]], shapes: Shapes, report: LoraReport,
+                     skipped: dict[tuple[str, str], list[str]]) -> None:
+    """Two modules of one file changing the same rows of a weight: a fused module and its split
+    parts (Z-Image files with both ``qkv`` and ``to_q`` / ``to_k`` / ``to_v``), or one module spelt
+    twice. When the changes are the same, the finer module applies once and the other is reported
+    as skipped (as diffusers reads such files; ComfyUI would add both); when they differ, nothing
+    is guessed."""
+    dropped: set[str] = set()
+    for key, key_ops in ops.items():
+        mine = [op for op in key_ops if op.lora_index == index and op.part == "weight"]
+        for i, x in enumerate(mine):
+            for y in mine[i + 1:]:
+                if x.module == y.module or {x.module, y.module} & dropped:
+                    continue
+                (xa, xb), (ya, yb) = _rows(x, shapes), _rows(y, shapes)
+                lo, hi = max(xa, ya), min(xb, yb)
+                if lo >= hi:
+                    continue
+                coarse, fine = (x, y) if xb - xa > yb - ya else (y, x)
+                if x.adapter.dora_scale is not None or y.adapter.dora_scale is not None or \
+                        type(x.adapter).apply_ is not Adapter.apply_ or type(y.adapter).apply_ is not Adapter.apply_:
+                    same = False  # changes that read the weight cannot be compared here
+                else:
+                    dx, dy = _change(x, (lo, hi), shapes), _change(y, (lo, hi), shapes)
+                    same = bool((dx - dy).abs().max() <= DUPLICATE_RTOL * max(float(dx.abs().max()),
+                                                                              float(dy.abs().max()), 1e-30))
+                if not same:
+                    raise DuplicateModuleError(
+                        f"{lora.path}: {x.module} and {y.module} both change rows {lo}:{hi} of {key}, differently; "
+                        "a file must carry one form of a module (fused or split), not both")
+                dropped.add(coarse.module)
+    if not dropped:
+        return
+    for key in list(ops):
+        ops[key] = [op for op in ops[key] if not (op.lora_index == index and op.module in dropped)]
+        if not ops[key]:
+            del ops[key]
+    for m in [m for m in report.matched if m.module in dropped]:
+        report.matched.remove(m)
+        skipped.setdefault((m.component, "the same change as the file's other spelling of those rows (applied once)"),
+                           []).extend(m.keys)
 
 
 def plan_loras(base_name: str, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, loras: list[LoraSpec], *,

@@ -131,3 +131,17 @@ def autoencoder_shapes(c0: int, c1: int) -> dict[str, tuple[int, ...]]:
             "decoder.up.1.block.0.conv1.weight": (c1, c1, 3, 3), "decoder.up.1.block.1.conv1.weight": (c1, c1, 3, 3),
             "decoder.up.1.upsample.conv.weight": (c1, c1, 3, 3),
             "decoder.up.0.block.0.conv1.weight": (c0, c1, 3, 3), "decoder.up.0.block.1.conv1.weight": (c0, c0, 3, 3)}
+
+
+REPR_MARKS = ("{'", "['", "Traceback", "torch.float", "PosixPath(")  # Python internals leaking into a message
+
+
+def one_line(res, *needles: str, code: int | None = None) -> str:
+    """A failed command: one ``lorakit: error:`` line naming every needle, no Python internals."""
+    assert res.exit_code != 0 and (code is None or res.exit_code == code), (res.exit_code, res.output)
+    line = res.output.strip()
+    assert line.startswith("lorakit: error:") and "\n" not in line, line
+    for n in needles:
+        assert n in line, f"{n!r} not in {line!r}"
+    assert not any(m in line for m in REPR_MARKS[2:]), line
+    return line

@@ -18,24 +18,13 @@ from safetensors.torch import load_file
 
 from lorakit.io.safetensors import save_file
 from tests.conftest import ZOO
-from tests.helpers import cli, lora_graph, sd15_models_folder
+from tests.helpers import REPR_MARKS, cli, lora_graph, one_line, sd15_models_folder
 
 SD15 = ZOO / "base/sd15/sd15_tiny_single_file.safetensors"
 KOHYA = ZOO / "kohya/sd15_kohya_lora.safetensors"
 FLUX = ZOO / "base/flux/flux1_tiny_dev_bfl.safetensors"
 FLUX_TE_LORA = ZOO / "kohya/flux_kohya_lora_te.safetensors"
 SCALED = ZOO / "base/flux/flux1_tiny_dev_fp8_e4m3fn_scaled.safetensors"
-REPR_MARKS = ("{'", "['", "Traceback", "torch.float", "PosixPath(")
-
-
-def one_line(res, *needles: str, code: int | None = None) -> str:
-    assert res.exit_code != 0 and (code is None or res.exit_code == code), (res.exit_code, res.output)
-    line = res.output.strip()
-    assert line.startswith("lorakit: error:") and "\n" not in line, line
-    for n in needles:
-        assert n in line, f"{n!r} not in {line!r}"
-    assert not any(m in line for m in REPR_MARKS[2:]), line
-    return line
 
 
 def human(res) -> str:

@@ -50,6 +50,23 @@ def test_bit_exact_on_exact_sums(wdtype: torch.dtype, fdtype: torch.dtype) -> No
 
 
 @pytest.mark.parametrize("wdtype", FP8, ids=str)
+def test_row_pieces_round_as_the_whole_tensor(wdtype: torch.dtype) -> None:
+    """A streamed tensor's row pieces (``index_base``: their first element's index in the whole
+    tensor) get the stochastic rounding of the whole, on both backends."""
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(96, 40, generator=g) * 0.3).to(wdtype)
+    up, down = grid(g, 96, 8), grid(g, 8, 40)
+    whole = Update(w.clone(), [Segment(up, down, 0.37)], key="w")
+    update_many_([whole], rounding="stochastic", seed=5, backend="torch")
+    for backend in ("torch", "triton"):
+        out = w.clone()
+        pieces = [Update(out[r0:r1], [Segment(up[r0:r1], down, 0.37)], key="w", index_base=r0 * 40)
+                  for r0, r1 in ((0, 33), (33, 96))]
+        update_many_(pieces, rounding="stochastic", seed=5, backend=backend)
+        assert torch.equal(bits(out), bits(whole.w)), backend
+
+
+@pytest.mark.parametrize("wdtype", FP8, ids=str)
 def test_fp8_saturation_counts_and_subnormals(wdtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(2)
     w = (torch.randn(64, 64, generator=g) * 0.004).to(wdtype)  # mostly fp8 subnormals

@@ -160,21 +160,61 @@ def test_mostly_cached_sees_a_file_just_read(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_windows_cover_the_data_and_never_split_a_touched_tensor() -> None:
+def test_windows_cover_the_data_and_split_only_low_rank_tensors() -> None:
+    """Windows tile the data; a touched tensor lies whole in one window, or (when all its ops are
+    plain low-rank and it is bigger than a window) in row pieces that tile it in order."""
+    from lorakit.adapters.full import Full
+    from lorakit.arch import Target
+    from lorakit.planner import Op
+
     with SafetensorsFile(ZOO / "base/sdxl/sdxl_tiny_single_file.safetensors") as src:
         keys = [k for k in src.order if src.infos[k].nbytes]
-        touched = {k: [] for k in random.Random(0).sample(keys, len(keys) // 3)}
+        chosen = random.Random(0).sample(keys, len(keys) // 3)
+        full = [Op(Target(k), Full({"diff": torch.zeros(1)}), 1.0, "weight", 0, k) for k in chosen[::2]]
+        touched = {k: [] for k in chosen} | {op.target.key: [op] for op in full}  # [] is plain low-rank
         biggest = max(src.infos[k].nbytes for k in touched)
         data_end = src.file_size - src.data_start
         for size in (PAGE, biggest // 2, 1 << 20, 1 << 30):
             wins = lorakit.merge._windows(src, touched, size)
             assert wins[0][0] == 0 and wins[-1][1] == data_end
             assert all(a[1] == b[0] for a, b in zip(wins, wins[1:]))
-            seen = [k for _, _, ks in wins for k in ks]
-            assert sorted(seen) == sorted(touched)
-            for begin, end, ks in wins:
-                assert all(begin <= src.infos[k].begin and src.infos[k].end <= end for k in ks)
-                assert end - begin <= size or (len(ks) == 1 and (end - begin) == src.infos[ks[0]].nbytes)
+            pieces: dict[str, list] = {}
+            for begin, end, ps in wins:
+                for key, rows in ps:
+                    info = src.infos[key]
+                    r0, r1 = rows or (0, info.shape[0])
+                    row_bytes = info.nbytes // info.shape[0]
+                    assert begin <= info.begin + r0 * row_bytes and info.begin + r1 * row_bytes <= end
+                    pieces.setdefault(key, []).append((r0, r1))
+                one_piece = len(ps) == 1 and (ps[0][1] is None or ps[0][1][1] - ps[0][1][0] == 1)
+                assert end - begin <= size or one_piece
+            assert sorted(pieces) == sorted(touched)
+            for key, spans in pieces.items():
+                info = src.infos[key]
+                assert spans[0][0] == 0 and spans[-1][1] == info.shape[0]
+                assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+                if touched[key] or info.nbytes <= size:
+                    assert spans == [(0, info.shape[0])], key  # whole: an op reads it all, or it fits
+
+
+@pytest.mark.parametrize("base, lora", [
+    (ZOO / "base/flux/flux1_tiny_dev_fp8_e4m3fn.safetensors", ZOO / "kohya/flux_kohya_lora_te.safetensors"),
+    (ZOO / "base/flux/flux1_tiny_dev_fp8_e4m3fn_scaled.safetensors", ZOO / "flux/flux_aitoolkit_lora.safetensors"),
+    (ZOO / "base/flux/flux1_tiny_dev_bfl.safetensors", ZOO / "diffusers/flux_diffusers_peft.safetensors"),
+    (ZOO / "base/zimage/z_image_turbo_tiny.safetensors", ZOO / "next/zimage/z_image_aitoolkit.safetensors"),
+])
+def test_tensors_streamed_in_row_pieces_merge_as_whole_ones(tmp_path: Path, monkeypatch, base: Path,
+                                                             lora: Path) -> None:
+    """With windows far smaller than the tensors, every low-rank tensor is patched in row pieces
+    (row slices of fused qkv included, fp8 stochastic rounding counting on across pieces): the same
+    bytes as whole-tensor windows."""
+    whole = _merge(base, tmp_path / "whole.safetensors", lora)
+    monkeypatch.setattr(lorakit.merge, "WINDOW", 1000)
+    with SafetensorsFile(base) as src:
+        plan = lorakit.merge.plan(base, [LoraSpec(str(lora), 0.7, 1.3)])
+        split = [p for _, _, ps in lorakit.merge._windows(src, plan.ops, 1000) for p in ps if p[1] is not None]
+    assert split, "nothing was streamed in pieces"
+    assert _merge(base, tmp_path / "pieces.safetensors", lora) == whole
 
 
 def _merge(base: Path, out: Path, lora: Path = KOHYA, **kw) -> bytes:

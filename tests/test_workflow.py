@@ -24,6 +24,11 @@ FILES = {
     "diffusion_models/wan2.2_i2v_low_noise_14B_fp16.safetensors": "base/wan/wan22_i2v_a14b_tiny.safetensors",
     "loras/wan22_HIGH.safetensors": "next/wan/wan22_a14b_aitoolkit.safetensors",
     "loras/wan22_LOW.safetensors": "next/wan/wan21_t2v_musubi.safetensors",
+    "diffusion_models/z_image_turbo_bf16.safetensors": "base/zimage/z_image_turbo_tiny.safetensors",
+    "loras/zimage_style.safetensors": "next/zimage/z_image_aitoolkit.safetensors",
+    "loras/zimage_char.safetensors": "next/zimage/z_image_musubi.safetensors",
+    "diffusion_models/flux-2-klein-4b.safetensors": "base/flux2/flux2_klein_tiny.safetensors",
+    "loras/klein_lora.safetensors": "next/flux2/flux2_klein_diffusers_peft.safetensors",
 }
 
 
@@ -56,6 +61,20 @@ WAN22 = {
     92: ("LoraLoaderModelOnly", ["wan22_LOW.safetensors", 0.6], {"model": (56, 0)}, 0),
     57: ("KSamplerAdvanced", [], {"model": (91, 0)}, 0),
     58: ("KSamplerAdvanced", [], {"model": (92, 0)}, 0),
+}
+
+# Z-Image Turbo: UNETLoader -> two LoraLoaderModelOnly -> KSampler (text encoder: Qwen3 via CLIPLoader)
+ZIMAGE = {
+    16: ("UNETLoader", ["z_image_turbo_bf16.safetensors", "default"], {}, 0),
+    18: ("CLIPLoader", ["qwen_3_4b.safetensors", "lumina2"], {}, 0),
+    40: ("LoraLoaderModelOnly", ["zimage_style.safetensors", 0.8], {"model": (16, 0)}, 0),
+    41: ("LoraLoaderModelOnly", ["zimage_char.safetensors", 1.1], {"model": (40, 0)}, 0),
+    3: ("KSampler", [], {"model": (41, 0)}, 0),
+}
+KLEIN = {
+    1: ("UNETLoader", ["flux-2-klein-4b.safetensors", "default"], {}, 0),
+    2: ("LoraLoaderModelOnly", ["klein_lora.safetensors", 1.3], {"model": (1, 0)}, 0),
+    3: ("KSampler", [], {"model": (2, 0)}, 0),
 }
 
 API_FIELDS = {
@@ -218,3 +237,21 @@ def test_wan22_a14b_two_models_two_loras(tmp_path: Path, models: Path, fmt) -> N
         ref = direct(tmp_path, str(models / f"diffusion_models/wan2.2_i2v_{expert}_noise_14B_fp16.safetensors"),
                      f"{models / 'loras' / lora}.safetensors:{strength:g}:0", "--model-only")
         assert (out / f"wan2.2_i2v_{expert}_noise_14B_fp16_lorakit.safetensors").read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", [ui_format, api_format])
+def test_z_image_and_flux2_graphs(tmp_path: Path, models: Path, fmt) -> None:
+    """The ComfyUI graphs users run for Z-Image (two LoRAs chained) and FLUX.2 klein: each bakes to
+    the same bytes as the direct merge."""
+    res, out = bake(tmp_path, models, ZIMAGE, fmt)
+    assert res.exit_code == 0, res.output
+    loras = models / "loras"
+    ref = direct(tmp_path, str(models / "diffusion_models/z_image_turbo_bf16.safetensors"),
+                 f"{loras / 'zimage_style.safetensors'}:0.8:0", f"{loras / 'zimage_char.safetensors'}:1.1:0",
+                 "--model-only")
+    assert (out / "z_image_turbo_bf16_lorakit.safetensors").read_bytes() == ref.read_bytes()
+    res, out = bake(tmp_path, models, KLEIN, fmt)
+    assert res.exit_code == 0, res.output
+    ref = direct(tmp_path, str(models / "diffusion_models/flux-2-klein-4b.safetensors"),
+                 f"{loras / 'klein_lora.safetensors'}:1.3:0", "--model-only")
+    assert (out / "flux-2-klein-4b_lorakit.safetensors").read_bytes() == ref.read_bytes()

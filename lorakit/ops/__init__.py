@@ -69,7 +69,8 @@ class TritonRun:
         jobs = [kernels.Job(as_matrix(u.w), [(as_matrix(g.up), as_matrix(g.down), g.scale, g.span(u.w.shape[0]))
                                              for g in u.segments],
                             kind=u.codec.kernel, salt=salt(seed, u.key), weight_scale=u.codec.scale,
-                            source=None if u.source is None else as_matrix(u.source)) for u in updates]
+                            source=None if u.source is None else as_matrix(u.source), index_base=u.index_base)
+                for u in updates]
         self.launch = kernels.GroupedLaunch(jobs, stochastic=rounding == "stochastic")
 
     def run(self) -> None:

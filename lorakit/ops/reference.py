@@ -67,7 +67,7 @@ def reference_update(u: Update, codec: Codec, rounding: str, seed: int) -> None:
             up, down, s, _, _ = live[0]
             t = torch.mm(up, down, out=t_buf[: (c1 - c0) * cols].view(c1 - c0, cols))
             return codec.add_encode_(part, t, None if s is None else float(s), rounding=rounding, seed=seed,
-                                     key=u.key, index_offset=c0 * cols)
+                                     key=u.key, index_offset=u.index_base + c0 * cols)
         v = part if in_place else codec.decode_into(v_buf[: (c1 - c0) * cols].view(c1 - c0, cols), part)
         for up, down, s, lo, hi in live:
             t = torch.mm(up, down, out=t_buf[: (hi - lo) * cols].view(hi - lo, cols))
@@ -75,7 +75,8 @@ def reference_update(u: Update, codec: Codec, rounding: str, seed: int) -> None:
         if in_place:
             return count_nonfinite(part)
         # coarse formats compare with the stored values again: None re-reads them from ``part``
-        return codec.encode_(part, v, None, rounding=rounding, seed=seed, key=u.key, index_offset=c0 * cols)
+        return codec.encode_(part, v, None, rounding=rounding, seed=seed, key=u.key,
+                             index_offset=u.index_base + c0 * cols)
 
     starts = range(0, rows, step)
     workers = cpu_workers() if dev.type == "cpu" else 1

@@ -39,6 +39,9 @@ class Update:
     key: str = ""  # names the tensor for the stochastic-rounding counter
     codec: Codec | None = None
     source: torch.Tensor | None = None
+    # the flat index of w's first element in the whole tensor (w is a row piece of a streamed tensor):
+    # the stochastic-rounding counter counts from there, so pieces round as the whole would
+    index_base: int = 0
     # elements the encoding could not hold: fp8 values clipped at the limit; inf / NaN in wider formats
     out_of_range: int = field(default=0, init=False)
 
