@@ -187,17 +187,19 @@ def main() -> None:
     manifest = json.loads((args.manifests / fname).read_text())
     fp8 = args.dtype == "fp8"
     total = sum(torch.Size(s).numel() * DTYPES[stored_dtype(s, d, dtype, fp8)][1] for s, d in manifest.values())
-    need = 2 * total + (1 << 30)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(args.workdir).free
-    if free < need:
-        raise SystemExit(f"not enough disk in {args.workdir}: need {need / 1e9:.1f} GB (base + output), have {free / 1e9:.1f} GB")
     tag = args.arch + ("_fp8" if fp8 else "")
     base, copy, out, lora = (args.workdir / f"{tag}_{n}" for n in ("base.safetensors", "copy.safetensors",
                                                                   "merged.safetensors", f"{args.algo}.safetensors"))
+    reused = args.keep and base.exists()
+    need = (1 if reused else 2) * total + (1 << 30)  # one output (or copy) at a time beside the base
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(args.workdir).free
+    if free < need:
+        what = "output" if reused else "base + output"
+        raise SystemExit(f"not enough disk in {args.workdir}: need {need / 1e9:.1f} GB ({what}), have {free / 1e9:.1f} GB")
     try:
         mods = lora_modules(args.arch, manifest)
-        if not (args.keep and base.exists()):
+        if not reused:
             print(f"writing {total / 1e9:.1f} GB synthetic {args.arch} checkpoint ({'fp8' if fp8 else dtype}) ...", flush=True)
             write_base(base, manifest, dtype, fp8)
         if not (args.keep and lora.exists()):

@@ -70,8 +70,8 @@ def _lora_args(args: tuple[str, ...]) -> list:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorakit")
 def main() -> None:
-    """Merge LoRAs into SD1.5 / SDXL / Flux.1 / Wan / Qwen-Image checkpoints exactly and in bounded memory; inspect files;
-    check merges; sample. Every error is one line on stderr and a non-zero exit; no input is ever
+    """Merge LoRAs into SD1.5 / SDXL / Flux.1 / FLUX.2 / Chroma / Wan / Qwen-Image / Z-Image checkpoints
+    exactly and in bounded memory; inspect files; check merges; sample. Every error is one line on stderr and a non-zero exit; no input is ever
     written."""
 
 

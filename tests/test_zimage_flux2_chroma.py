@@ -418,3 +418,144 @@ def test_a_z_image_lora_on_lumina2_names_both(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "\n" not in line
     for needle in ("Lumina-Image 2.0, width 48", "3840 wide: Z-Image", "layers.0.attention.qkv.weight"):
         assert needle in line, line
+
+
+# -- fp8 and scaled fp8 bases of the new families ----------------------------------------------------
+
+STRENGTH = 6.0  # changes well above fp8's resolution, so `check` can confirm them
+FP8_CASES = [(ZIMAGE, ZOO / "next/zimage/z_image_aitoolkit.safetensors", False),
+             (ZOO / "base/flux2/flux2_klein_tiny.safetensors", ZOO / "next/flux2/flux2_klein_diffusers_peft.safetensors",
+              True),
+             (ZOO / "base/chroma/chroma_tiny.safetensors", ZOO / "next/chroma/chroma_kohya.safetensors", False)]
+
+
+@pytest.mark.parametrize("base, lora, scaled", FP8_CASES, ids=["z-image", "flux2-klein-scaled", "chroma"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_fp8_bases_follow_the_fp8_rules(base: Path, lora: Path, scaled: bool, rounding: str, tmp_path: Path) -> None:
+    """The tiny bases as fp8 e4m3fn files (every matrix; ComfyUI's scaled fp8 with ``scale_weight``
+    for one): each changed element is one of the two fp8 neighbours of the exact value (the merge of
+    an fp32 copy of the fp8 base), nearest picks the nearer, untouched elements keep their bits, and
+    ``lorakit check`` passes the merge."""
+    from tests.golden_compare import check_fp8, check_stochastic_stats
+
+    single = load_file(base)
+    fp8, exact32 = {}, {}
+    for key, w in single.items():
+        if w.dim() == 2 and key.endswith(".weight"):
+            s = float(w.float().abs().max()) / 224 if scaled else 1.0  # headroom: no change clips
+            fp8[key] = (w.float() / s).to(torch.float8_e4m3fn)
+            exact32[key] = fp8[key].float() * torch.tensor(s, dtype=torch.float32)
+            if scaled:
+                fp8[key[:-len("weight")] + "scale_weight"] = torch.tensor(s, dtype=torch.float32)
+        else:
+            fp8[key] = exact32[key] = w
+    if scaled:
+        fp8["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    base8, base32 = tmp_path / "base_fp8.safetensors", tmp_path / "base_fp32.safetensors"
+    save_file(fp8, base8)
+    save_file({k: v.float() for k, v in exact32.items()}, base32)
+    out8, out32 = tmp_path / "out_fp8.safetensors", tmp_path / "out_fp32.safetensors"
+    assert cli("merge", base8, f"{lora}:{STRENGTH}", "-o", out8, "--rounding", rounding).exit_code == 0
+    assert cli("merge", base32, f"{lora}:{STRENGTH}", "-o", out32).exit_code == 0
+    got, exact = load_file(out8), load_file(out32)
+    stats, changed = [], 0
+    for key, w in fp8.items():
+        if w.dtype != torch.float8_e4m3fn or not w.numel():
+            assert torch.equal(bits(got[key]), bits(w)), key
+            continue
+        s = float(fp8[key[:-len("weight")] + "scale_weight"]) if scaled else 1.0
+        ex = exact[key].double() / s
+        stats.append(check_fp8(got[key], w, ex, rounding, key))
+        changed += int(not torch.equal(bits(got[key]), bits(w)))
+    assert changed >= 8
+    if rounding == "stochastic":
+        check_stochastic_stats(stats)
+    res = cli("check", base8, f"{lora}:{STRENGTH}", "--merged", out8)
+    assert res.exit_code == 0 and "PASS" in res.output, res.output
+
+
+# -- formats written in their producers' exact layout, read by diffusers' own converters ------------
+
+def _kohya_flux2(tmp_path: Path) -> Path:
+    """kohya / musubi FLUX.2 names (``lora_unet_double_blocks_N_img_attn_qkv`` with alpha), the layout
+    diffusers' ``_convert_kohya_flux2_lora_to_diffusers`` reads."""
+    g = torch.Generator().manual_seed(29)
+    shapes = {k: tuple(v.shape) for k, v in load_file(_base("flux2_klein_tiny")).items()}
+    out = {}
+    for key, shape in shapes.items():
+        m = key[:-len(".weight")]
+        if not key.endswith(".weight") or len(shape) != 2 or not m.startswith(("double_blocks.", "single_blocks.")):
+            continue
+        name = "lora_unet_" + m.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = (torch.randn(4, shape[1], generator=g) * 0.05).to(torch.bfloat16)
+        out[f"{name}.lora_up.weight"] = (torch.randn(shape[0], 4, generator=g) * 0.05).to(torch.bfloat16)
+        out[f"{name}.alpha"] = torch.tensor(2.0)
+    path = tmp_path / "flux2_kohya.safetensors"
+    save_file(out, path, metadata={"ss_network_module": "networks.lora_flux2"})
+    return path
+
+
+def _lokr(tmp_path: Path, name: str, modules: list[str], prefix: str) -> Path:
+    """ai-toolkit's LoKr layout (``diffusion_model.<module>.lokr_w1`` / ``lokr_w2_a`` / ``lokr_w2_b`` /
+    ``alpha``), which diffusers' ``_convert_non_diffusers_*lokr_to_diffusers`` read."""
+    g = torch.Generator().manual_seed(31)
+    shapes = {k: tuple(v.shape) for k, v in load_file(_base(name)).items()}
+    out = {}
+    for m in modules:
+        rows, cols = shapes[f"{m}.weight"]
+        out[f"{prefix}{m}.lokr_w1"] = (torch.randn(4, 4, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"{prefix}{m}.lokr_w2_a"] = (torch.randn(rows // 4, 2, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"{prefix}{m}.lokr_w2_b"] = (torch.randn(2, cols // 4, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"{prefix}{m}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / f"{name}_lokr.safetensors"
+    save_file(out, path)
+    return path
+
+
+def _by_diffusers(name: str, lora: Path, strength: float, tmp_path: Path) -> None:
+    model, state = diffusers_state(name)
+    model = model.float()
+    original = {k: v.float() for k, v in state.items()}
+    holder = HOLDERS[BASES[name][0]](model)
+    holder.load_lora_weights(str(lora), adapter_name="oracle")
+    holder.fuse_lora(components=["transformer"], lora_scale=strength)
+    holder.unload_lora_weights()
+    reference = model.state_dict()
+    if any(".to_qkv." in k for k in reference):  # diffusers fused the projections for a fused LoKr
+        model.unfuse_qkv_projections()
+        fused = reference
+        reference = {k: v for k, v in model.state_dict().items()}
+        for key, w in fused.items():
+            if ".attn.to_qkv." in key or ".attn.to_added_qkv." in key:
+                names = ("to_q", "to_k", "to_v") if ".to_qkv." in key else ("add_q_proj", "add_k_proj", "add_v_proj")
+                for i, part in enumerate(w.chunk(3)):
+                    reference[key.replace(key.split(".attn.")[1].split(".")[0], names[i])] = part
+    out = tmp_path / "merged.safetensors"
+    lorakit.merge_file(_base(name), [lorakit.LoraSpec(str(lora), strength)], out, progress=False)
+    _agrees(_base(name), load_file(out), reference, original, lora.name)
+
+
+def test_kohya_flux2_agrees_with_diffusers(tmp_path: Path) -> None:
+    _by_diffusers("flux2_klein_tiny", _kohya_flux2(tmp_path), 0.8, tmp_path)
+
+
+def test_ai_toolkit_lokr_on_z_image_agrees_with_diffusers(tmp_path: Path) -> None:
+    modules = [f"layers.{i}.attention.{p}" for i in range(2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+    lora = tmp_path / "z_image_lokr.safetensors"
+    # ai-toolkit trains diffusers' module names (split q / k / v: 64 x 64 each here)
+    g = torch.Generator().manual_seed(37)
+    out = {}
+    for m in modules:
+        out[f"diffusion_model.{m}.lokr_w1"] = (torch.randn(4, 4, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"diffusion_model.{m}.lokr_w2_a"] = (torch.randn(16, 2, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"diffusion_model.{m}.lokr_w2_b"] = (torch.randn(2, 16, generator=g) * 0.2).to(torch.bfloat16)
+        out[f"diffusion_model.{m}.alpha"] = torch.tensor(1.0)
+    save_file(out, lora)
+    _by_diffusers("z_image_turbo_tiny", lora, 1.0, tmp_path)
+
+
+def test_ai_toolkit_bfl_lokr_on_flux2_agrees_with_diffusers(tmp_path: Path) -> None:
+    """LoKr on FLUX.2's fused BFL modules (diffusers maps them onto its fused ``to_qkv``)."""
+    modules = [f"double_blocks.{i}.{m}" for i in range(2) for m in ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj",
+                                                                    "img_mlp.0")] + ["single_blocks.0.linear1"]
+    _by_diffusers("flux2_klein_tiny", _lokr(tmp_path, "flux2_klein_tiny", modules, "diffusion_model."), 1.0, tmp_path)
