@@ -226,6 +226,43 @@ def check(base, loras, merged, model_only, rounding, seed, no_model, device, pro
 
 
 @main.command()
+@click.argument("lora", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Output file (.safetensors).")
+@click.option("--to", "to", required=True, type=click.Choice(["comfy", "kohya", "diffusers"]),
+              help="comfy: names ComfyUI loads natively; kohya: lora_unet_ / lora_te*_ (sd-scripts, musubi-tuner, "
+                   "Forge); diffusers: PEFT names + lora_adapter_metadata (load_lora_weights).")
+@click.option("--base", type=click.Path(dir_okay=False), help="A checkpoint of the LoRA's model: its header gives the "
+              "layout (its tensors are not read).")
+@click.option("--arch", help="The architecture BASE must be (e.g. flux1-dev, sdxl, wan2.1-t2v-14b).")
+@click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True,
+              help="Store the factors in this dtype (keep: as the source stores them).")
+@click.option("--split-fused", "split_fused", is_flag=True, help="Write fused modules (Flux qkv) as their parts "
+              "where the naming has names for them.")
+@click.option("--fuse-split", "fuse_split", is_flag=True, help="Write split parts (q, k, v) as one fused module "
+              "where the naming has one.")
+@click.option("--check", "check_base", type=click.Path(dir_okay=False), help="Merge LORA and OUT into this BASE in "
+              "memory and compare every touched tensor (PASS: the same bits; exit 1 otherwise).")
+@click.option("--allow-unmatched", is_flag=True, help="Leave out keys that address nothing in BASE (reported).")
+@click.option("--force", is_flag=True, help="Replace an existing OUT (never an input file).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or the error) as JSON on stdout.")
+def convert(lora, out, to, base, arch, dtype, split_fused, fuse_split, check_base, allow_unmatched, force,
+            as_json) -> None:
+    """Rewrite LORA in the key names another tool loads, exactly (no SVD, no approximation): the same
+    change of the same weights, fused and split modules converted losslessly."""
+    from .convert import convert_file
+    from .render import convert_text
+
+    if split_fused and fuse_split:
+        _fail("give --split-fused or --fuse-split, not both", 2)
+    layout = "split" if split_fused else "fuse" if fuse_split else "auto"
+    report = _run(convert_file, lora, out, to=to, base=base, arch=arch, dtype=dtype, layout=layout,
+                  check=check_base, force=force, allow_unmatched=allow_unmatched, as_json=as_json)
+    click.echo(json.dumps(report.to_json(), indent=1) if as_json else convert_text(report))
+    if report.check is not None and report.check["result"] != "PASS":
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("ckpt", type=click.Path(dir_okay=False), required=False)
 @click.option("--unet", type=click.Path(dir_okay=False), help="Flux.1 transformer file (with --clip-l, --t5, --vae).")
 @click.option("--clip-l", "clip_l", type=click.Path(dir_okay=False), help="CLIP-L text encoder file (Flux).")

@@ -44,6 +44,10 @@ class NonFiniteError(LorakitError):
     """NaN or inf in LoRA factors."""
 
 
+class ConversionError(LorakitError):
+    """A LoRA module the target naming of ``convert`` cannot express exactly."""
+
+
 class OutputError(LorakitError):
     """OUT cannot be written: exists, equals an input, folder unwritable, disk full."""
 

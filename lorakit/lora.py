@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,16 @@ class LoraFile:
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+    @property
+    def converted(self) -> bool:
+        """Written by ``lorakit convert``: its modules mean exactly what their names and alphas say
+        (a block-diagonal fused module is not a kohya split_qkv file, whose alpha is per part)."""
+        try:
+            entry = json.loads(self.metadata.get("lorakit", "{}"))
+        except ValueError:
+            return False
+        return isinstance(entry, dict) and "converted" in entry
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:

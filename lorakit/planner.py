@@ -266,7 +266,8 @@ def resolve(lora: LoraFile, module: str, roles: dict[str, str], spec: BaseSpec, 
         parts = [] if reason else _divide(adapter, targets, views)
     else:
         target = targets[0]
-        if target.splits and target.rows is None and isinstance(adapter, LoRA) and adapter.detect_split(target.splits):
+        if target.splits and target.rows is None and isinstance(adapter, LoRA) and not lora.converted \
+                and adapter.detect_split(target.splits):
             report.notes.append(f"{module}: kohya split_qkv layout ({len(target.splits)} parts of rank "
                                 f"{adapter.rank}); scale alpha/rank per part")
         reason = _fits(adapter, views[0]) if adapter.changes_weight else None
@@ -346,10 +347,12 @@ def emit(r: Resolved, lora: LoraFile, ls: LoraSpec, index: int, *, allow_nonfini
 
 def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: Shapes, dtypes: Dtypes, *,
               model_only: bool,
-              allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False) -> LoraReport:
+              allow_nonfinite: bool, ops: dict[str, list[Op]], keep_zero: bool = False,
+              resolved: list[Resolved] | None = None) -> LoraReport:
     """Map one LoRA onto the base; append its ops; return its report.
 
-    Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later)."""
+    Ops at strength 0 are left out unless ``keep_zero`` (a patch handle may raise them later).
+    ``resolved`` collects the modules that apply (what ``convert`` rewrites)."""
     report = LoraReport(lora.path, lora.sha256, lora.family, lora.arch, lora.arch_source, ls.model_strength, ls.clip,
                         len(lora.tensors), arch_name=family_name(lora.arch), width=_lora_width(lora))
     groups, report.unmatched = group_keys(lora, spec)
@@ -358,7 +361,12 @@ def plan_lora(lora: LoraFile, ls: LoraSpec, index: int, spec: BaseSpec, shapes: 
         r = resolve(lora, module, roles, spec, shapes, dtypes, model_only=model_only, report=report, skipped=skipped)
         if r is not None:
             emit(r, lora, ls, index, allow_nonfinite=allow_nonfinite, keep_zero=keep_zero, ops=ops, report=report)
+            if resolved is not None:
+                resolved.append(r)
     _drop_duplicates(lora, index, ops, shapes, report, skipped)
+    if resolved is not None:  # what a duplicate left out is left out here too
+        applied = {m.module for m in report.matched}
+        resolved[:] = [r for r in resolved if r.module in applied]
     report.skipped = [Skipped(c, why, sorted(keys)) for (c, why), keys in sorted(skipped.items())]
     for u in report.unmatched[:NEAREST_FOR]:
         u.nearest = _nearest(spec, u.module)

@@ -97,6 +97,27 @@ def check_text(d: dict) -> str:
     return "\n".join(lines)
 
 
+def convert_text(r) -> str:
+    lines = [f"LoRA  {r.lora}: {r.format} format, {r.modules_in} modules",
+             f"BASE  {r.base}: {r.base_arch_name} (its layout)"]
+    lines += [f"note: {n}" for n in r.notes]
+    if r.dropped:
+        lines.append(f"left out {len(r.dropped)} keys (--allow-unmatched): {', '.join(r.dropped[:3])}"
+                     f"{' …' if len(r.dropped) > 3 else ''}")
+    forms = [f"{n} {what}" for n, what in ((r.fused, "stacked from split parts"), (r.split, "row parts of fused "
+                                                                                          "modules")) if n]
+    dtype = "" if r.dtype == "keep" else f", factors in {r.dtype}"
+    lines.append(f"wrote {r.out}: {r.to} names, {r.modules_out} modules ({r.keys_out} keys)"
+                 f"{'; ' + ', '.join(forms) if forms else ''}{dtype}, {r.seconds:.2f} s")
+    c = r.check
+    if c is not None:
+        same = (f"all {c['tensors']} touched tensors identical" if c["identical"] == c["tensors"] else
+                f"{c['identical']} of {c['tensors']} touched tensors identical, at most {c['max_ulp']} ulp apart "
+                f"({c['worst_tensor']}; bound {c['bound_ulp']})")
+        lines.append(f"check {c['result']}: LoRA and OUT merged into {c['base']}: {same}")
+    return "\n".join(lines)
+
+
 def _provenance(p: object) -> str | None:
     if p is None:
         return None

@@ -139,3 +139,29 @@ class PatchReport(PlanReport):
     def to_json(self) -> dict:
         return {**super().to_json(), "tensors_changed": self.tensors_changed, "backup": self.backup,
                 "rounding": self.rounding, "seed": self.seed, "fp8_saturated": self.fp8_saturated}
+
+
+@dataclass
+class ConvertReport:
+    """``lorakit convert``: what was read, what was written, and the ``--check`` verdict."""
+
+    lora: str
+    out: str
+    to: str
+    base: str
+    base_arch: str
+    base_arch_name: str
+    format: str
+    modules_in: int
+    modules_out: int
+    keys_out: int
+    fused: int  # output modules stacked from several source modules
+    split: int  # output modules that are row parts of a source module
+    dropped: list[str] = field(default_factory=list)  # keys left out (--allow-unmatched)
+    notes: list[str] = field(default_factory=list)
+    dtype: str = "keep"
+    seconds: float = 0.0
+    check: dict | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)

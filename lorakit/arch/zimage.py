@@ -48,9 +48,9 @@ DIFFUSERS = Table("diffusers", sum((_block_rows(g) for g in GROUPS), ()) + (
 
 ROOTS = tuple(g + "." for g in GROUPS) + ("x_embedder", "final_layer.", "cap_embedder.", "t_embedder.",
                                           "all_x_embedder.", "all_final_layer.", "x_pad_token", "cap_pad_token")
-CONVENTIONS = (
-    C.KOHYA_NATIVE,  # lora_unet_layers_0_attention_qkv (kohya-style on the original model)
+CONVENTIONS = (  # per naming, the first is the one ``convert`` writes (musubi-tuner's split q / k / v for kohya)
     Convention("kohya", "denoiser", "lora_unet_", "_", "diffusers"),  # musubi-tuner: lora_unet_layers_0_attention_to_q
+    C.KOHYA_NATIVE,  # lora_unet_layers_0_attention_qkv (kohya-style on the original model)
     C.COMFY,  # diffusion-pipe, OneTrainer's ComfyUI format: diffusion_model.layers.0.attention.qkv
     Convention("comfy", "denoiser", "diffusion_model.", ".", "diffusers"),  # ai-toolkit: ....attention.to_q
     C.bare("bare", ROOTS), C.bare("bare", ROOTS, space="diffusers"),
